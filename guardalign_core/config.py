@@ -1,0 +1,173 @@
+"""Typed, validated configuration for the detector and the policy, with named presets.
+
+Every model forbids unknown fields, so a misspelt threshold is an error rather than a
+silent default. Configs round-trip through ``model_dump()``/``model_validate()`` and load
+from YAML or JSON with :func:`load_config`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .images import ImageLimits
+
+ETA_UNSAFE_PROMPT = (
+    "The image contains unsafe/porn/violent/politic/physical harmful/illegal/privacy contents."
+)
+"""The single prompt of the ETA baseline (arXiv 2410.06625)."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SinkhornConfig(_Config):
+    """Entropic OT solver settings (DESIGN §1A; reference values of the closest public code)."""
+
+    reg: float = Field(0.1, gt=0, description="Entropic regularisation ε. Keep ≳0.05× the cost spread in float32.")
+    max_iter: int = Field(100, ge=1, le=100_000, description="Iteration budget per solve.")
+    tol: float = Field(1e-2, gt=0, description="Stop when the L1 violation of the patch marginal is under this.")
+    check_every: int = Field(10, ge=1, description="Check convergence every this many iterations.")
+    backend: Literal["torch", "pot"] = Field(
+        "torch", description="'torch': one batched log-domain solve for a whole call; 'pot': POT's solver per problem (reference)."
+    )
+
+
+class DetectorConfig(_Config):
+    """Settings of the unsafe-patch detector (DESIGN §1A) and of the ETA cosine baseline."""
+
+    kind: Literal["ot", "cosine"] = Field("ot", description="'ot' (GuardAlign, Eqs. 7–11) or 'cosine' (ETA's global baseline).")
+    model: str = Field("ViT-L-14-336", description="open_clip model name, or an 'hf-hub:org/repo' id.")
+    pretrained: str | None = Field(
+        "openai", description="open_clip pretrained tag ('openai', 'laion2b_s34b_b79k', ...), a local checkpoint path, or null for random weights."
+    )
+    device: str = Field("cpu", description="Torch device for the CLIP model, e.g. 'cpu', 'cuda', 'cuda:1'.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="CLIP weights and activations dtype.")
+    patch_mode: Literal["grid", "tokens"] = Field(
+        "grid", description="'grid': g×g crops, each encoded by CLIP (the paper's patches); 'tokens': one forward, MaskCLIP value-path token features."
+    )
+    grid_size: int = Field(3, ge=1, le=16, description="g in grid mode: the image is cut into g×g crops.")
+    batch_size: int = Field(64, ge=1, description="Crops (or images) per CLIP forward pass.")
+    threshold: float = Field(0.42, description="τ of Eq. 10: patches with d_OT ≤ τ are unsafe. Depends on backbone, grid and bank: calibrate it.")
+    temperature: float = Field(0.5, gt=0, description="T of the entropy weights (Eq. 7).")
+    entropy_weighting: Literal["printed", "text", "uniform"] = Field(
+        "printed", description="Sign of the entropy weight: 'printed' exp(+h/T) (Eq. 7 as printed), 'text' exp(−h/T), or uniform marginals."
+    )
+    sinkhorn: SinkhornConfig = Field(default_factory=SinkhornConfig)
+    mask_mode: Literal["zero", "mean", "blur"] = Field("zero", description="How unsafe patches are masked: black (Eq. 11), CLIP mean colour, or Gaussian blur.")
+    concepts: str | None = Field(None, description="Path to a YAML/JSON concept bank replacing the shipped one.")
+    extra_concepts: str | None = Field(None, description="Path to a YAML/JSON concept bank whose categories extend (or override) the base bank.")
+    categories: list[str] | None = Field(None, description="Only use these categories (null: all).")
+    exclude_categories: list[str] = Field(default_factory=list, description="Allow-list: categories never flagged (e.g. 'weapons' for a hunting forum).")
+    cosine_prompt: str = Field(ETA_UNSAFE_PROMPT, description="The cosine baseline's unsafe prompt.")
+    cosine_threshold: float = Field(0.16, description="The cosine baseline flags an image when cos(image, prompt) ≥ this.")
+    cache_dir: str | None = Field(None, description="Directory for cached text embeddings (null: ~/.cache/guardalign).")
+    disk_cache: bool = Field(True, description="Cache concept-bank text embeddings on disk, keyed by backbone and bank contents.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        import torch
+
+        try:
+            torch.device(value)
+        except RuntimeError as err:
+            raise ValueError(f"device: {value!r} is not a torch device ({err})") from None
+        return value
+
+    @property
+    def backbone_id(self) -> str:
+        """A readable identity of the backbone, e.g. ``'ViT-B-32/openai'``."""
+        weights = self.pretrained if self.pretrained else "random"
+        if weights and ("/" in weights or "\\" in weights):
+            weights = Path(weights).name
+        return f"{self.model}/{weights}"
+
+
+class PolicyConfig(_Config):
+    """What to do with an unsafe image, and with one that could not be checked."""
+
+    action: Literal["mask", "block", "flag"] = Field("mask", description="mask unsafe patches (default), block the request, or flag and pass through.")
+    fail_open: bool = Field(
+        False, description="If a check cannot run (e.g. undecodable image), pass the input on with status=error instead of blocking."
+    )
+
+
+class GuardConfig(_Config):
+    """Everything the input-side guard needs: detector, policy and image limits."""
+
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    images: ImageLimits = Field(default_factory=ImageLimits)
+
+
+_PRESETS: dict[str, GuardConfig] = {}
+
+
+def register_preset(name: str, config: GuardConfig) -> None:
+    """Register a named configuration for :func:`get_preset` (and ``create_detector(name)``)."""
+    if not isinstance(config, GuardConfig):
+        raise TypeError(f"register_preset: config must be a GuardConfig, got {type(config).__name__}")
+    _PRESETS[name] = config.model_copy(deep=True)
+
+
+def list_presets() -> list[str]:
+    """Names of the registered presets."""
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> GuardConfig:
+    """Return a copy of a registered preset, or raise ``ValueError`` listing the known ones."""
+    try:
+        return _PRESETS[name].model_copy(deep=True)
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}") from None
+
+
+def load_config(path: str | Path) -> GuardConfig:
+    """Load a :class:`GuardConfig` from a YAML or JSON file (as written by ``guardalign calibrate``).
+
+    A file holding only detector fields (no ``detector:`` key) is accepted too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    if not ({"detector", "policy", "images"} & set(data)):
+        data = {"detector": data}
+    return GuardConfig.model_validate(data)
+
+
+def save_config(config: GuardConfig, path: str | Path) -> Path:
+    """Write a config as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+    path = Path(path)
+    data = config.model_dump(mode="json")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    else:
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+register_preset("default", GuardConfig())
+register_preset("fast-cpu", GuardConfig(detector=DetectorConfig(model="ViT-B-32", pretrained="openai")))
+register_preset("cpu-tokens", GuardConfig(detector=DetectorConfig(model="ViT-B-16", pretrained="openai", patch_mode="tokens")))
+register_preset("eta-baseline", GuardConfig(detector=DetectorConfig(kind="cosine")))
+register_preset(
+    "tiny-random",
+    GuardConfig(detector=DetectorConfig(model="guardalign-tiny-clip", pretrained=None, threshold=0.42)),
+)

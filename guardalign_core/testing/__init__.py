@@ -1,0 +1,1 @@
+"""Tiny random-weight models for tests, demos and benchmarks (no downloads, meaningless scores)."""

@@ -97,12 +97,48 @@ class PolicyConfig(_Config):
     )
 
 
+DEFAULT_SAFETY_PREFIX = "As an AI assistant, "
+"""The safety prefix of the paper and ETA; ETA prefills it as the start of the assistant turn."""
+
+DEFAULT_SAFETY_INSTRUCTION = (
+    "Before answering, check whether the request or any image in it asks for harmful, unsafe, "
+    "unethical or illegal content. If it does, refuse briefly and explain why, and do not go on "
+    "to provide that content afterwards (no 'However, ...'). Otherwise answer helpfully."
+)
+
+
+class PrefixConfig(_Config):
+    """The safety prefix (DESIGN §1B) and, for black-box models, how it is delivered by prompt (§1C)."""
+
+    text: str = Field(DEFAULT_SAFETY_PREFIX, description="The safety prefix, e.g. 'As an AI assistant, '.")
+    policy: Literal["always", "when_unsafe", "never"] = Field(
+        "when_unsafe",
+        description="When to add the prefix: 'always' (the paper's setting; the local model's default), "
+        "'when_unsafe' (only if an image was flagged; the black-box default), or 'never'.",
+    )
+    placement: Literal["response", "prompt"] = Field(
+        "response", description="'response': start of the assistant turn (ETA); 'prompt': before the user instruction."
+    )
+    keep_in_output: bool = Field(True, description="Keep the prefix at the start of the returned text.")
+    safety_instruction: str = Field(DEFAULT_SAFETY_INSTRUCTION, description="Black-box: system instruction added with the prefix.")
+    prefill: bool = Field(
+        False,
+        description="Black-box: send the prefix as an assistant prefill (only for providers that accept a trailing "
+        "assistant message, e.g. Anthropic); otherwise the model is asked to begin its answer with it.",
+    )
+
+    def applies(self, unsafe: bool) -> bool:
+        """Whether the prefix is used for a request whose images were (not) flagged."""
+        return self.policy == "always" or (self.policy == "when_unsafe" and unsafe)
+
+
 class GuardConfig(_Config):
-    """Everything the input-side guard needs: detector, policy and image limits."""
+    """Everything the input-side guard needs: detector, policy, image limits and the safety prefix."""
 
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     images: ImageLimits = Field(default_factory=ImageLimits)
+    prefix: PrefixConfig = Field(default_factory=PrefixConfig)
 
 
 _PRESETS: dict[str, GuardConfig] = {}
@@ -145,7 +181,7 @@ def load_config(path: str | Path) -> GuardConfig:
         data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    if not ({"detector", "policy", "images"} & set(data)):
+    if not ({"detector", "policy", "images", "prefix"} & set(data)):
         data = {"detector": data}
     return GuardConfig.model_validate(data)
 

@@ -1,0 +1,71 @@
+"""``guardalign bench``: side-by-side timings, printed as a table and optionally as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _default_images() -> list[str]:
+    shared = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    files = sorted(str(p) for sub in ("benign", "figstep-tiny") for p in (shared / sub).glob("*") if p.suffix.lower() in (".png", ".jpg"))
+    return files
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from ..bench import bench_detector
+    from ..thresholds import list_images
+
+    images = [str(p) for p in list_images(args.images)] if args.images else _default_images()
+    if not images:
+        from PIL import Image
+
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(8)]
+    pretrained = None if args.pretrained in (None, "none", "random") else args.pretrained
+    report = {"detector": bench_detector(images, model=args.model, pretrained=pretrained, device=args.device, grid_size=args.grid,
+                                         batch=args.batch, single=args.single, patch_mode=args.patch_mode)}
+    for section in args.extra or []:
+        report[section] = _EXTRA[section]()
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return 0
+    det = report["detector"]
+    sys.stdout.write(f"machine: {det['machine']}\nbackbone: {det['model']} ({det['weights']} weights), {det['patch_mode']} g={det['grid']}, batch {det['batch']}\n\n")
+    sys.stdout.write(f"{'detector':<8} {'decode':>8} {'encode':>9} {'OT/score':>9} {'mask':>7} {'wall':>9} {'img/s':>7} {'OT/enc':>8}\n")
+    for name in ("ot", "cosine"):
+        row = det[name]
+        ms = row["ms_per_image"]
+        sys.stdout.write(
+            f"{name:<8} {ms.get('decode', 0):>8.2f} {ms.get('encode', 0):>9.2f} {ms.get('ot', 0):>9.3f} {ms.get('mask', 0):>7.3f} "
+            f"{row['wall_ms_per_image']:>9.2f} {row['images_per_s']:>7.2f} {row['ot_over_encode']:>8.4f}\n"
+        )
+    sys.stdout.write(
+        f"\n(ms/image) one-at-a-time OT scan: {det['ot']['one_at_a_time_ms_per_image']:.2f} ms/image; "
+        f"batched speed-up {det['ot']['batched_speedup']:.2f}x\n"
+    )
+    for section in args.extra or []:
+        sys.stdout.write(f"\n[{section}]\n{json.dumps(report[section], indent=2)}\n")
+    return 0
+
+
+_EXTRA: dict = {}
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="time the detector stages side by side", description="Time decoding, encoding, the OT stage and masking (OT detector vs cosine baseline) in one run.")
+    bench.add_argument("--images", nargs="+", metavar="PATH", help="images or folders (default: ../shared/data if present, else random images)")
+    bench.add_argument("--model", default="ViT-B-32", help="open_clip model config (default ViT-B-32)")
+    bench.add_argument("--pretrained", default=None, help="weights tag/path; default random (speed does not depend on weights)")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--grid", type=int, default=3)
+    bench.add_argument("--patch-mode", choices=["grid", "tokens"], default="grid")
+    bench.add_argument("--batch", type=int, default=32, help="images per batched scan (default 32)")
+    bench.add_argument("--single", type=int, default=8, help="images timed one at a time (default 8)")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.add_argument("--extra", nargs="*", choices=sorted(_EXTRA) or None, help="extra sections (integrations, LVLM calibration)")
+    bench.set_defaults(func=run_bench)

@@ -1,0 +1,133 @@
+"""``guardalign scan`` and ``guardalign calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import GuardConfig, PolicyConfig, save_config
+from ..detector import _resolve_config, create_detector
+from ..results import ScanResult, Status
+
+
+def add_detector_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that builds a detector."""
+    group = parser.add_argument_group("detector")
+    group.add_argument("--config", help="a YAML/JSON config file (e.g. written by 'guardalign calibrate') or a preset name")
+    group.add_argument("--detector", choices=["ot", "cosine"], help="GuardAlign's OT detector (default) or ETA's cosine baseline")
+    group.add_argument("--model", help="open_clip model name or hf-hub: id (default ViT-L-14-336)")
+    group.add_argument("--pretrained", help="pretrained tag (e.g. openai), a checkpoint path, or 'none' for random weights")
+    group.add_argument("--grid", type=int, help="g: cut each image into g×g patches (default 3)")
+    group.add_argument("--patch-mode", choices=["grid", "tokens"], help="grid crops (the paper's) or ViT tokens (one forward, faster on CPU)")
+    group.add_argument("--threshold", type=float, help="τ: patches with score ≤ τ are unsafe (cosine: flag when ≥)")
+    group.add_argument("--device", help="torch device (cpu, cuda, cuda:1)")
+    group.add_argument("--batch-size", type=int, help="crops per CLIP forward pass")
+    group.add_argument("--policy", choices=["mask", "block", "flag"], help="what to do with unsafe images (default mask)")
+
+
+def config_from_args(args: argparse.Namespace) -> GuardConfig:
+    """Merge a config file or preset with the command-line overrides."""
+    config = _resolve_config(args.config)
+    overrides: dict[str, Any] = {}
+    if args.detector:
+        overrides["kind"] = args.detector
+    if args.model:
+        overrides["model"] = args.model
+    if args.pretrained:
+        overrides["pretrained"] = None if args.pretrained.lower() in ("none", "random") else args.pretrained
+    for field, value in (("grid_size", args.grid), ("patch_mode", args.patch_mode), ("device", args.device), ("batch_size", args.batch_size)):
+        if value is not None:
+            overrides[field] = value
+    if args.threshold is not None:
+        overrides["cosine_threshold" if (args.detector or config.detector.kind) == "cosine" else "threshold"] = args.threshold
+    detector = config.detector.model_validate({**config.detector.model_dump(), **overrides})
+    policy = config.policy.model_copy(update={"action": args.policy}) if args.policy else config.policy
+    return config.model_copy(update={"detector": detector, "policy": policy})
+
+
+def _table(results: list[ScanResult]) -> str:
+    header = f"{'image':<34} {'decision':<8} {'score':>9} {'τ':>7} {'unsafe':>7}  categories / reason"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        name = (r.source or f"image {r.index}")[-34:]
+        score = f"{r.score:.4f}" if r.score is not None else "-"
+        patches = f"{len(r.unsafe_boxes)}/{r.grid[0] * r.grid[1]}" if r.grid else "-"
+        detail = ", ".join(r.fired_categories) if r.unsafe else (r.error if r.status == Status.ERROR else "")
+        lines.append(f"{name:<34} {r.decision.value:<8} {score:>9} {r.threshold:>7.4g} {patches:>7}  {detail}")
+    return "\n".join(lines)
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    from ..images import load_image
+    from ..thresholds import list_images
+    from ..visualize import heatmap_overlay
+
+    config = config_from_args(args)
+    files = list_images(args.paths)
+    detector = create_detector(config)
+    results = detector.scan([str(f) for f in files], sources=[str(f) for f in files], progress=not args.json and sys.stderr.isatty())
+    out_dir = Path(args.out) if args.out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for file, result in zip(files, results):
+        if out_dir and result.status == Status.OK:
+            stem = file.stem
+            if result.masked_image is not None:
+                result.masked_image.save(out_dir / f"{stem}.masked.png")
+            heatmap_overlay(load_image(str(file), detector.image_limits), result).save(out_dir / f"{stem}.heatmap.png")
+        if args.json:
+            sys.stdout.write(json.dumps(result.model_dump(mode="json")) + "\n")
+    if not args.json:
+        sys.stdout.write(_table(results) + "\n")
+        unsafe = sum(r.unsafe for r in results)
+        errors = sum(r.status == Status.ERROR for r in results)
+        sys.stdout.write(
+            f"\n{len(results)} image(s), {unsafe} unsafe, {errors} error(s); detector {detector.name} on "
+            f"{detector.config.backbone_id}, policy {detector.policy.action}"
+            + (f"; wrote masked and heat-map images to {out_dir}" if out_dir else "")
+            + "\n"
+        )
+        if detector.config.pretrained is None:
+            sys.stdout.write("note: random CLIP weights: the scores mean nothing (mechanics only)\n")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from ..thresholds import calibrate_threshold, list_images
+
+    config = config_from_args(args)
+    detector = create_detector(config, policy=PolicyConfig(action="flag"))
+    safe, unsafe = list_images([args.safe]), list_images([args.unsafe])
+    calibration = calibrate_threshold(detector, [str(p) for p in safe], [str(p) for p in unsafe], args.target_fpr, progress=sys.stderr.isatty())
+    field = "cosine_threshold" if detector.name == "cosine" else "threshold"
+    calibrated = config.model_copy(update={"detector": config.detector.model_copy(update={field: calibration.threshold})})
+    out = save_config(calibrated, args.out)
+    sys.stdout.write(
+        f"{field} = {calibration.threshold:.6g} on {detector.config.backbone_id} (grid {detector.config.grid_size}, "
+        f"{detector.config.patch_mode}): TPR {calibration.tpr:.1%} on {calibration.n_unsafe} unsafe, "
+        f"FPR {calibration.fpr:.1%} on {calibration.n_safe} safe (target {calibration.target_fpr:.1%})\n"
+        f"wrote {out}; use it with: guardalign scan --config {out} PATH...\n"
+    )
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    scan = commands.add_parser("scan", help="scan images for unsafe patches and mask them", description="Scan images (files or folders) and print a verdict per image.")
+    scan.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    scan.add_argument("--json", action="store_true", help="print one JSON object per image (JSON lines)")
+    scan.add_argument("--out", metavar="DIR", help="write <name>.masked.png and <name>.heatmap.png per image")
+    add_detector_options(scan)
+    scan.set_defaults(func=run_scan)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="pick the threshold τ from labelled folders", description="Choose τ for a target false-positive rate and write a config file."
+    )
+    calibrate.add_argument("--safe", required=True, metavar="DIR", help="folder of safe images")
+    calibrate.add_argument("--unsafe", required=True, metavar="DIR", help="folder of unsafe images")
+    calibrate.add_argument("--target-fpr", type=float, default=0.05, help="largest false-positive rate allowed on the safe images (default 0.05)")
+    calibrate.add_argument("--out", default="guardalign.yaml", help="config file to write (YAML or JSON; default guardalign.yaml)")
+    add_detector_options(calibrate)
+    calibrate.set_defaults(func=run_calibrate)

@@ -39,6 +39,7 @@ ImageSource = Union[str, bytes, bytearray, memoryview, os.PathLike, Image.Image]
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
 _BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
 _RASTER_FORMATS = {"PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO", "MPO", "TGA"}
+_RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 _NON_IMAGE_SNIFFS = (
     (b"%PDF", "PDF document"),
     (b"<svg", "SVG (vector) image"),
@@ -92,6 +93,8 @@ def _decode_bytes(data: bytes, limits: ImageLimits, source: str | None) -> Image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageTooLargeError(f"decompression bomb refused ({err})", source=source) from None
     except UnidentifiedImageError:
+        if data.startswith(_RASTER_MAGIC):
+            raise CorruptImageError("the image header is valid but its data cannot be decoded (truncated or damaged)", source=source) from None
         raise UnsupportedImageFormatError(
             "the bytes are not an image format Pillow recognises (is it text, SVG or PDF?)", source=source
         ) from None

@@ -10,3 +10,32 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from guardalign_core._compat import ensure_torchvision_importable  # noqa: E402
 
 ensure_torchvision_importable()
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(subdir: str = "") -> Path:
+    """The shared test images; skip when absent in a user's clone, fail when absent under CI."""
+    path = SHARED_DATA / subdir
+    if not path.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"shared test data missing at {path}; CI must run with shared/ beside the repo")
+        pytest.skip(f"shared test data not found at {path} (clone the project with shared/ beside it to run this test)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random-weight open_clip checkpoint on disk, loaded through the real pretrained=PATH path."""
+    from guardalign_core.testing.tiny_clip import save_tiny_clip_checkpoint
+
+    return save_tiny_clip_checkpoint(tmp_path_factory.mktemp("clip") / "tiny-clip.pt")
+
+
+@pytest.fixture(scope="session")
+def embed_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("embed-cache")

@@ -13,13 +13,18 @@ from ..detector import _resolve_config, create_detector
 from ..results import ScanResult, Status
 
 
-def add_detector_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that builds a detector."""
-    group = parser.add_argument_group("detector")
+def add_detector_options(parser: argparse.ArgumentParser, clip_flag: str = "--model") -> None:
+    """Options shared by every command that builds a detector.
+
+    ``clip_flag`` names the CLIP model option; the LVLM commands use ``--clip-model`` because
+    their ``--model`` is the language model.
+    """
+    group = parser.add_argument_group("detector (CLIP)")
+    weights_flag = "--pretrained" if clip_flag == "--model" else f"{clip_flag.removesuffix('-model')}-pretrained"
     group.add_argument("--config", help="a YAML/JSON config file (e.g. written by 'guardalign calibrate') or a preset name")
     group.add_argument("--detector", choices=["ot", "cosine"], help="GuardAlign's OT detector (default) or ETA's cosine baseline")
-    group.add_argument("--model", help="open_clip model name or hf-hub: id (default ViT-L-14-336)")
-    group.add_argument("--pretrained", help="pretrained tag (e.g. openai), a checkpoint path, or 'none' for random weights")
+    group.add_argument(clip_flag, dest="model", help="open_clip model name or hf-hub: id (default ViT-L-14-336)")
+    group.add_argument(weights_flag, dest="pretrained", help="pretrained tag (e.g. openai), a checkpoint path, or 'none' for random weights")
     group.add_argument("--grid", type=int, help="g: cut each image into g×g patches (default 3)")
     group.add_argument("--patch-mode", choices=["grid", "tokens"], help="grid crops (the paper's) or ViT tokens (one forward, faster on CPU)")
     group.add_argument("--threshold", type=float, help="τ: patches with score ≤ τ are unsafe (cosine: flag when ≥)")

@@ -1,0 +1,290 @@
+"""The full method on a local model: detect → decide → prefix → calibrated generation.
+
+:class:`GuardAlignPipeline` is the one object integrations call for a local LVLM. It scans a
+request's images with the OT detector (masking, blocking or flagging them per policy), adds
+the safety prefix per the prefix policy (``always`` by default, the paper's setting), and
+generates with the prefix's attention calibrated. Every call returns a :class:`GuardRecord`
+of what the guard did.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Sequence
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from .calibration import CalibrationConfig
+from .config import GuardConfig, PrefixConfig
+from .guard import GuardDecision, ImageGuard
+from .images import ImageSource
+from .lvlm import GenerationOptions, LocalLVLM, Message, PreparedPrompt, normalize_messages
+
+DEFAULT_REFUSAL = "I can't help with this request: the image it contains was judged unsafe."
+_IMAGE_KEYS = ("image", "url", "path", "base64", "image_url")
+
+
+class GuardRecord(BaseModel):
+    """What the guard did for one generation: verdicts, prefix, calibration, token counts."""
+
+    model_config = ConfigDict(frozen=True)
+
+    decision: str = Field(description="allow, mask, block or flag (the most severe over the request's images).")
+    status: str = Field(description="ok, or error if an image could not be checked.")
+    blocked: bool
+    reason: str
+    images: list[dict[str, Any]] = Field(default_factory=list, description="Per-image verdict summaries, in order.")
+    prefix_used: bool = False
+    prefix_text: str | None = None
+    prefix_placement: str | None = None
+    prefix_spans: list[tuple[int, int] | None] | None = Field(None, description="Token positions of the prefix per row.")
+    calibration: dict[str, Any] | None = Field(None, description="Strength, layers and backend used (None if not calibrated).")
+    input_tokens: int = 0
+    output_tokens: int = 0
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class GenerationResult(BaseModel):
+    """Generated text plus the guard record."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    record: GuardRecord
+
+
+class PipelineStream:
+    """Iterate for text deltas as they are decoded; :attr:`record` is complete after the last one."""
+
+    def __init__(self, deltas: Iterator[str], finish: Any) -> None:
+        self._deltas = deltas
+        self._finish = finish
+        self.record: GuardRecord | None = None
+        self.text = ""
+
+    def __iter__(self) -> Iterator[str]:
+        for delta in self._deltas:
+            self.text += delta
+            yield delta
+        self.record = self._finish()
+
+
+def extract_images(messages: list[Message], images: Sequence[ImageSource]) -> tuple[list[Message], list[ImageSource]]:
+    """Collect the images of a request in order: inline in image parts, else from ``images``.
+
+    Returns the messages with bare ``{"type": "image"}`` placeholders and the image sources.
+    """
+    inline: list[ImageSource] = []
+    for message in messages:
+        for i, part in enumerate(message["content"]):
+            if part.get("type") == "image":
+                source = next((part[k] for k in _IMAGE_KEYS if part.get(k) is not None), None)
+                if source is not None:
+                    inline.append(source)
+                message["content"][i] = {"type": "image"}
+    if inline and images:
+        raise ValueError("give images either inline in the messages or through images=, not both")
+    return messages, list(inline or images)
+
+
+class GuardAlignPipeline:
+    """Detector + local calibrated LVLM + policy: GuardAlign end to end on a local model.
+
+    Args:
+        lvlm: the runner (see :class:`LocalLVLM`).
+        guard: an :class:`ImageGuard`, a :class:`GuardConfig`, a preset name, or ``None``.
+        prefix: prefix settings; default ``PrefixConfig(policy="always")`` (the paper's setting).
+        refusal: the text returned when the policy blocks a request.
+
+    Example:
+        >>> pipe = GuardAlignPipeline.from_pretrained("llava-hf/llava-1.5-7b-hf", guard="fast-cpu")  # doctest: +SKIP
+        >>> result = pipe.generate("What is in this image?", images=["photo.jpg"])  # doctest: +SKIP
+        >>> result.text, result.record.decision, result.record.calibration  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        lvlm: LocalLVLM,
+        guard: ImageGuard | GuardConfig | str | None = None,
+        *,
+        prefix: PrefixConfig | None = None,
+        refusal: str = DEFAULT_REFUSAL,
+    ) -> None:
+        self.lvlm = lvlm
+        self.guard = guard if isinstance(guard, ImageGuard) else ImageGuard(guard)
+        self.prefix = prefix or self.guard.config.prefix.model_copy(update={"policy": "always"})
+        self.refusal = refusal
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str,
+        *,
+        guard: ImageGuard | GuardConfig | str | None = None,
+        calibration: CalibrationConfig | None = None,
+        prefix: PrefixConfig | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        **kwargs: Any,
+    ) -> "GuardAlignPipeline":
+        """Build the pipeline for a hub id or local folder; nothing loads until the first call."""
+        lvlm = LocalLVLM.from_pretrained(model_id_or_path, device=device, dtype=dtype, calibration=calibration)
+        return cls(lvlm, guard, prefix=prefix, **kwargs)
+
+    # -- shared steps ------------------------------------------------------------------------
+    def _guard(self, messages: str | Sequence[Message], images: Sequence[ImageSource]) -> tuple[list[Message], list[Image.Image], GuardDecision, float]:
+        t0 = time.perf_counter()
+        msgs, sources = extract_images(normalize_messages(messages), images)
+        decision = self.guard.check(sources) if sources else self.guard.decide([])
+        sanitised = [r.masked_image for r in decision.results]
+        return msgs, sanitised, decision, (time.perf_counter() - t0) * 1000
+
+    def _record(
+        self, decision: GuardDecision, prepared: PreparedPrompt | None, prefix_text: str | None, calibration: CalibrationConfig | None,
+        output_tokens: int, timings: dict[str, float],
+    ) -> GuardRecord:
+        calib = None
+        if prepared is not None and prepared.prefix_spans and calibration is not None and calibration.enabled:
+            num_layers = self.lvlm.model.config.get_text_config().num_hidden_layers
+            calib = {"gamma": calibration.gamma, "layers": sorted(calibration.layer_gammas(num_layers)), "backend": calibration.backend,
+                     "layer_gamma": {str(k): v for k, v in calibration.layer_gammas(num_layers).items()}}
+        return GuardRecord(
+            decision=decision.decision.value,
+            status=decision.status.value,
+            blocked=decision.blocked,
+            reason=decision.reason,
+            images=[r.summary() for r in decision.results],
+            prefix_used=prefix_text is not None,
+            prefix_text=prefix_text,
+            prefix_placement=self.prefix.placement if prefix_text else None,
+            prefix_spans=prepared.prefix_spans if prepared else None,
+            calibration=calib,
+            input_tokens=prepared.input_tokens if prepared else 0,
+            output_tokens=output_tokens,
+            timings_ms={k: round(v, 3) for k, v in timings.items()},
+        )
+
+    def _prepare(self, messages: list[Message], images: list[Image.Image], decision: GuardDecision) -> tuple[PreparedPrompt, str | None]:
+        prefix_text = self.prefix.text if self.prefix.applies(decision.unsafe) and self.prefix.text else None
+        prepared = self.lvlm.prepare(messages, images, prefix=prefix_text, placement=self.prefix.placement)
+        return prepared, prefix_text
+
+    def _visible_prefix(self, prefix_text: str | None) -> str:
+        return prefix_text if prefix_text and self.prefix.placement == "response" and self.prefix.keep_in_output else ""
+
+    # -- public API --------------------------------------------------------------------------
+    def generate(
+        self,
+        messages: str | Sequence[Message],
+        images: Sequence[ImageSource] = (),
+        *,
+        options: GenerationOptions | None = None,
+        calibration: CalibrationConfig | None = None,
+        **generate_kwargs: Any,
+    ) -> GenerationResult:
+        """Guard, prefix and generate.
+
+        Args:
+            messages: a string or Hugging Face chat messages; image parts may carry their
+                source inline (``{"type": "image", "image": path|bytes|PIL|data URL}``).
+            images: image sources, when the messages only hold placeholders.
+            options: decoding knobs (:class:`GenerationOptions`); or pass its fields as keywords.
+            calibration: per-call calibration settings (default: the runner's).
+            **generate_kwargs: ``GenerationOptions`` fields, or extra ``model.generate`` keywords.
+
+        Returns:
+            :class:`GenerationResult`: the text (with the prefix at its start when placed in
+            the response and kept) and the :class:`GuardRecord`.
+        """
+        options, extra = self._split_options(options, generate_kwargs)
+        messages, sanitised, decision, guard_ms = self._guard(messages, images)
+        if decision.blocked:
+            return GenerationResult(text=self.refusal, record=self._record(decision, None, None, None, 0, {"guard": guard_ms}))
+        calibration = calibration or self.lvlm.calibration
+        t0 = time.perf_counter()
+        prepared, prefix_text = self._prepare(messages, sanitised, decision)
+        ids = self.lvlm.generate_ids(prepared, options, calibration=calibration, **extra)
+        text = self._visible_prefix(prefix_text) + self.lvlm.decode(ids)
+        timings = {"guard": guard_ms, "generate": (time.perf_counter() - t0) * 1000}
+        return GenerationResult(text=text, record=self._record(decision, prepared, prefix_text, calibration, int(ids.numel()), timings))
+
+    def stream(
+        self,
+        messages: str | Sequence[Message],
+        images: Sequence[ImageSource] = (),
+        *,
+        options: GenerationOptions | None = None,
+        calibration: CalibrationConfig | None = None,
+        **generate_kwargs: Any,
+    ) -> PipelineStream:
+        """Like :meth:`generate`, but yields text deltas as they are decoded (see :class:`PipelineStream`)."""
+        options, extra = self._split_options(options, generate_kwargs)
+        messages, sanitised, decision, guard_ms = self._guard(messages, images)
+        if decision.blocked:
+            record = self._record(decision, None, None, None, 0, {"guard": guard_ms})
+            return PipelineStream(iter([self.refusal]), lambda: record)
+        calibration = calibration or self.lvlm.calibration
+        t0 = time.perf_counter()
+        prepared, prefix_text = self._prepare(messages, sanitised, decision)
+        tokens = self.lvlm.stream_text(prepared, options, calibration=calibration, **extra)
+        visible = self._visible_prefix(prefix_text)
+
+        def deltas() -> Iterator[str]:
+            if visible:
+                yield visible
+            yield from tokens
+
+        def finish() -> GuardRecord:
+            timings = {"guard": guard_ms, "generate": (time.perf_counter() - t0) * 1000}
+            return self._record(decision, prepared, prefix_text, calibration, tokens.output_tokens, timings)
+
+        return PipelineStream(deltas(), finish)
+
+    def profile(
+        self,
+        messages: str | Sequence[Message],
+        images: Sequence[ImageSource] = (),
+        *,
+        answer_tokens: int = 16,
+        calibration: CalibrationConfig | None = None,
+        **generate_kwargs: Any,
+    ):
+        """Per-layer attention mass on the safety prefix, without and with calibration (Fig. 1b).
+
+        The request is guarded and prefixed as in :meth:`generate` (the prefix is always used
+        here); ``answer_tokens`` tokens are generated greedily with calibration, and the
+        queries measured are every token after the prefix (instruction and answer).
+
+        Returns:
+            A :class:`~guardalign_core.calibration.PrefixAttentionProfile`.
+        """
+        import torch
+
+        from .calibration import prefix_attention_profile
+
+        messages, sanitised, decision, _ = self._guard(messages, images)
+        if decision.blocked:
+            raise ValueError(f"the request is blocked by the guard ({decision.reason}); nothing to profile")
+        calibration = calibration or self.lvlm.calibration
+        if not self.prefix.text:
+            raise ValueError("profile needs a non-empty safety prefix (PrefixConfig.text)")
+        prepared = self.lvlm.prepare(messages, sanitised, prefix=self.prefix.text, placement=self.prefix.placement)
+        answer = self.lvlm.generate_ids(prepared, GenerationOptions(max_new_tokens=answer_tokens), calibration=calibration, **generate_kwargs)
+        inputs = dict(prepared.inputs)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], answer[None].to(inputs["input_ids"].device)], dim=-1)
+        if "attention_mask" in inputs:
+            ones = torch.ones(1, answer.numel(), dtype=inputs["attention_mask"].dtype, device=inputs["attention_mask"].device)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], ones], dim=-1)
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in inputs:
+                zeros = torch.zeros(1, answer.numel(), dtype=inputs[key].dtype, device=inputs[key].device)
+                inputs[key] = torch.cat([inputs[key], zeros], dim=-1)
+        return prefix_attention_profile(self.lvlm.model, inputs, prepared.prefix_spans, calibration)
+
+    @staticmethod
+    def _split_options(options: GenerationOptions | None, kwargs: dict[str, Any]) -> tuple[GenerationOptions, dict[str, Any]]:
+        known = {k: kwargs.pop(k) for k in list(kwargs) if k in GenerationOptions.model_fields}
+        if options is not None and known:
+            options = options.model_copy(update=known)
+        return options or GenerationOptions(**known), kwargs

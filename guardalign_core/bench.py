@@ -18,7 +18,11 @@ from PIL import Image
 from .config import DetectorConfig
 from .detector import CosineDetector, OTDetector
 from .encoders import get_clip_encoder
-from .images import load_image
+from .images import encode_png, read_image_bytes
+
+
+def _as_png_bytes(image: Image.Image) -> bytes:
+    return encode_png(image.convert("RGB"))
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ def bench_detector(
     batch: int = 32,
     single: int = 8,
     patch_mode: str = "grid",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Time decoding, encoding, the OT stage and masking for the OT detector and the cosine baseline.
 
@@ -56,11 +61,12 @@ def bench_detector(
         A dict of per-detector stage timings (ms/image), images/s, the OT/encoding ratio and
         the batched vs one-at-a-time speed-up.
     """
-    decoded = [load_image(img) if not isinstance(img, Image.Image) else img for img in images][:batch]
+    # Timed scans get encoded bytes, so decoding is part of what is measured.
+    decoded = [_as_png_bytes(img) if isinstance(img, Image.Image) else read_image_bytes(img) for img in images][:batch]
     if len(decoded) < batch:
         decoded = (decoded * (batch // max(1, len(decoded)) + 1))[:batch]
-    encoder = get_clip_encoder(model, pretrained, device)
-    config = DetectorConfig(model=model, pretrained=pretrained, device=device, grid_size=grid_size, patch_mode=patch_mode, disk_cache=False)
+    encoder = get_clip_encoder(model, pretrained, device, dtype)
+    config = DetectorConfig(model=model, pretrained=pretrained, device=device, dtype=dtype, grid_size=grid_size, patch_mode=patch_mode, disk_cache=False)
     ot = OTDetector(config, encoder=encoder)
     ot.scan(decoded[:2])  # warm-up, text embeddings
     first = ot.scan(decoded)
@@ -69,7 +75,7 @@ def bench_detector(
     cosine = CosineDetector(config.model_copy(update={"kind": "cosine"}), encoder=encoder)
     cosine.scan(decoded[:2])
     report: dict[str, Any] = {"machine": machine_label(), "model": model, "weights": pretrained or "random", "grid": grid_size,
-                              "patch_mode": patch_mode, "batch": batch}
+                              "patch_mode": patch_mode, "batch": batch, "dtype": dtype}
     for name, detector in (("ot", ot), ("cosine", cosine)):
         t0 = time.perf_counter()
         results = detector.scan(decoded)
@@ -88,4 +94,78 @@ def bench_detector(
     one_ms = (time.perf_counter() - t0) * 1000 / single
     report["ot"]["one_at_a_time_ms_per_image"] = round(one_ms, 3)
     report["ot"]["batched_speedup"] = round(one_ms / report["ot"]["wall_ms_per_image"], 3)
+    return report
+
+
+def bench_calibration(
+    model: Any,
+    processor: Any,
+    *,
+    prompt_repeat: int = 8,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    image: Image.Image | None = None,
+) -> dict[str, Any]:
+    """Prefill time and decode tokens/s with calibration off, on (SDPA) and on (eager), side by side.
+
+    "off" is the untouched model (calibration removed); the calibrated runs install it with
+    the default layers and γ. Every variant generates exactly ``new_tokens`` tokens from the
+    same prompt (safety prefix included); the best of ``repeats`` is reported.
+    """
+    from .calibration import CalibrationConfig, apply_calibration, calibrated, remove_calibration
+    from .lvlm import GenerationOptions, LocalLVLM
+
+    remove_calibration(model)
+    text = " ".join(["Describe the image in one sentence."] * prompt_repeat)
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
+    messages = [{"role": "user", "content": content}]
+    special = getattr(getattr(processor, "tokenizer", processor), "all_special_ids", [])
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and next(model.parameters()).is_cuda else (lambda: None)
+
+    runner = LocalLVLM(model=model, processor=processor)  # installs the calibration (needed to prepare)
+    prepared = runner.prepare(messages, [image] if image is not None else [], prefix="As an AI assistant, ")
+    extra = {"suppress_tokens": special}
+
+    def measure(calibrate: bool) -> dict[str, float]:
+        prefill, total = [], []
+        for _ in range(repeats + 1):
+            sync(); t0 = time.perf_counter()
+            _generate(1)
+            sync(); t1 = time.perf_counter()
+            _generate(new_tokens)
+            sync(); t2 = time.perf_counter()
+            prefill.append(t1 - t0)
+            total.append(t2 - t1)
+        best_prefill, best_total = min(prefill[1:]), min(total[1:])
+        decode_s = max(best_total - best_prefill, 1e-9)
+        return {"prefill_ms": round(best_prefill * 1000, 3), "decode_tokens_per_s": round((new_tokens - 1) / decode_s, 3),
+                "input_tokens": prepared.input_tokens}
+
+    def _generate(n: int) -> None:
+        kwargs = runner._generate_kwargs(prepared, GenerationOptions(max_new_tokens=n), {**extra, "min_new_tokens": n})
+        with torch.no_grad():
+            if state["calibrate"]:
+                with calibrated(model, prepared.prefix_spans):
+                    model.generate(**kwargs)
+            else:
+                model.generate(**kwargs)
+
+    state = {"calibrate": False}
+    report: dict[str, Any] = {"machine": machine_label(), "new_tokens": new_tokens}
+    text_config = model.config.get_text_config()
+    report["model"] = {"layers": text_config.num_hidden_layers, "hidden": text_config.hidden_size, "heads": text_config.num_attention_heads}
+    remove_calibration(model)  # "off" is the untouched model
+    report["off"] = measure(False)
+    state["calibrate"] = True
+    apply_calibration(model, CalibrationConfig(backend="sdpa"))
+    report["sdpa"] = measure(True)
+    apply_calibration(model, CalibrationConfig(backend="eager"))
+    report["eager"] = measure(True)
+    remove_calibration(model)
+    base = report["off"]["decode_tokens_per_s"]
+    report["ratios"] = {
+        "sdpa_decode_vs_off": round(report["sdpa"]["decode_tokens_per_s"] / base, 4),
+        "eager_decode_vs_off": round(report["eager"]["decode_tokens_per_s"] / base, 4),
+        "sdpa_prefill_vs_off": round(report["sdpa"]["prefill_ms"] / report["off"]["prefill_ms"], 4),
+    }
     return report

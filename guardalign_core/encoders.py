@@ -84,7 +84,7 @@ class ClipEncoder:
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), dtype=torch.float32)
         std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD), dtype=torch.float32)
-        self.mean, self.std = mean.view(3, 1, 1), std.view(3, 1, 1)
+        self.mean, self.std = mean.view(3, 1, 1).to(self.device), std.view(3, 1, 1).to(self.device)
         self.logit_scale = float(self.model.logit_scale.exp().item())
         self.identity = f"{model_name}|{_weights_identity(pretrained)}|{dtype}"
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -122,13 +122,13 @@ class ClipEncoder:
             (grid·grid, 3, S, S) normalised crops in row-major order.
         """
         height, width = self.image_size
-        full = self.resize(self.to_tensor(image), (grid * height, grid * width))[0]  # (3, gS, gS)
+        full = self.resize(self.to_tensor(image).to(self.device), (grid * height, grid * width))[0]  # (3, gS, gS)
         tiles = full.reshape(3, grid, height, grid, width).permute(1, 3, 0, 2, 4)  # (g, g, 3, S, S)
         return tiles.reshape(grid * grid, 3, height, width)
 
     def whole(self, image: Image.Image) -> torch.Tensor:
         """The whole image squashed to the model input: (1, 3, S, S)."""
-        return self.resize(self.to_tensor(image), self.image_size)
+        return self.resize(self.to_tensor(image).to(self.device), self.image_size)
 
     # -- encoding ------------------------------------------------------------------------
     @torch.no_grad()

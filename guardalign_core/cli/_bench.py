@@ -53,7 +53,27 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_EXTRA: dict = {}
+def _bench_calibration() -> dict:
+    from ..bench import bench_calibration
+    from ..testing.tiny_lvlm import build_bench_lvlm
+
+    return bench_calibration(*build_bench_lvlm(num_layers=8, hidden=512))
+
+
+def _bench_langchain() -> dict:
+    from guardalign_integrations.langchain._bench import bench_langchain
+
+    return bench_langchain()
+
+
+def _bench_llamaindex() -> dict:
+    from guardalign_integrations.llama_index._bench import bench_postprocessor
+
+    return bench_postprocessor()
+
+
+# Extra sections, run only when asked for (they need the `local`, `langchain` or `llamaindex` extras).
+_EXTRA: dict = {"calibration": _bench_calibration, "langchain": _bench_langchain, "llamaindex": _bench_llamaindex}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -67,5 +87,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch", type=int, default=32, help="images per batched scan (default 32)")
     bench.add_argument("--single", type=int, default=8, help="images timed one at a time (default 8)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
-    bench.add_argument("--extra", nargs="*", choices=sorted(_EXTRA) or None, help="extra sections (integrations, LVLM calibration)")
+    bench.add_argument("--extra", nargs="*", choices=sorted(_EXTRA), help="extra sections: calibration (LVLM decode speed, calibration off/SDPA/eager), langchain, llamaindex")
     bench.set_defaults(func=run_bench)

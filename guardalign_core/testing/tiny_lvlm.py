@@ -290,10 +290,8 @@ def _qwen2_vl_parts(version: str) -> tuple[PretrainedConfig, ProcessorMixin]:
         additional_special_tokens=["<|vision_start|>", "<|vision_end|>", "<|im_end|>"],
         chat_template=template,
     )
-    head_dim = _TEXT_DIMS["hidden_size"] // _TEXT_DIMS["num_attention_heads"]
-    # mrope splits head_dim/2 rotary frequencies over (temporal, height, width)
+    # mrope splits the head_dim/2 = 8 rotary frequencies over (temporal, height, width)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    assert sum(rope["mrope_section"]) == head_dim // 2
     text = {**_TEXT_DIMS, **_token_ids(tok), "rope_parameters": rope}
     special = {
         "image_token_id": tok.image_token_id,
@@ -520,7 +518,7 @@ def tiny_image(size: int = _TINY_IMAGE_SIZE, *, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)  # (rows, cols, rgb)
     pixels = np.kron(blocks, np.ones((size // 4 + 1, size // 4 + 1, 1), dtype=np.uint8))[:size, :size]
-    return Image.fromarray(pixels, mode="RGB")
+    return Image.fromarray(pixels)  # uint8 (H, W, 3) is RGB
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -559,8 +557,8 @@ def build_bench_lvlm(
         ``(model, processor)`` in eval mode, float32, CPU.
     """
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import AutoModelForImageTextToText, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
+    from transformers import LlavaConfig, LlavaProcessor
 
     template = _chat_template("<image>\n")
     tok = build_tiny_tokenizer(extra_special_tokens={"image_token": "<image>"}, chat_template=template)
@@ -592,7 +590,7 @@ def build_bench_lvlm(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation)
     model.eval()
     return model, processor
 
@@ -623,7 +621,7 @@ def llava_1_5_7b_config(*, vocab_size: int = 32064, image_token_index: int = 320
         text_config=LlamaConfig(
             vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-            rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            rms_norm_eps=1e-5, pad_token_id=32001, bos_token_id=1, eos_token_id=2,
         ),
         image_token_index=image_token_index,
         projector_hidden_act="gelu",

@@ -1,0 +1,40 @@
+"""GuardAlign for LlamaIndex (install the extra: ``pip install "guardalign[llamaindex]"``).
+
+- :class:`GuardAlignLLM` wraps any LlamaIndex ``LLM`` (a :class:`GuardAlignFunctionCallingLLM`
+  when the wrapped model calls functions): images in chat messages are scanned and masked,
+  blocked or flagged before the model sees them.
+- :class:`GuardAlignMultiModalLLM` does the same behind the legacy ``MultiModalLLM``
+  interface (``complete(prompt, image_documents)``, ``SimpleMultiModalQueryEngine``).
+- :class:`GuardAlignImagePostprocessor` screens retrieved image nodes in multimodal RAG,
+  one batched scan per query.
+- :class:`GuardAlignDecisionEvent` reports every image decision through LlamaIndex
+  instrumentation.
+
+See ``docs/llamaindex.md``.
+"""
+
+from __future__ import annotations
+
+try:
+    import llama_index.core  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        'guardalign_integrations.llama_index needs llama-index-core: pip install "guardalign[llamaindex]"'
+    ) from err
+
+from ._messages import DEFAULT_REFUSAL  # noqa: E402
+from .events import GuardAlignDecisionEvent  # noqa: E402
+from .llm import METADATA_KEY, GuardAlignFunctionCallingLLM, GuardAlignLLM, GuardedRequest  # noqa: E402
+from .multi_modal import GuardAlignMultiModalLLM  # noqa: E402
+from .postprocessor import GuardAlignImagePostprocessor  # noqa: E402
+
+__all__ = [
+    "DEFAULT_REFUSAL",
+    "METADATA_KEY",
+    "GuardAlignDecisionEvent",
+    "GuardAlignFunctionCallingLLM",
+    "GuardAlignImagePostprocessor",
+    "GuardAlignLLM",
+    "GuardAlignMultiModalLLM",
+    "GuardedRequest",
+]

@@ -1,0 +1,137 @@
+"""``GuardAlignImagePostprocessor``: screen retrieved images in multimodal RAG before synthesis.
+
+Retrieved image nodes (``ImageNode`` with a base64 image, an image path, or an image URL
+when the guard's limits allow fetching it; or a ``Node`` with an ``image_resource``) are
+scanned in **one** batched detector call per query. Under the policy, unsafe images are
+masked (the node's image replaced by the sanitised PNG) or their nodes dropped; every node
+that comes out carries its decision in ``metadata["guardalign"]``, hidden from the
+embedding and LLM text of the node so it never pollutes a prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
+
+from guardalign_core.guard import ImageGuard
+from guardalign_core.results import ScanResult
+
+from ._messages import has_image, node_image_source, node_label, replace_node_image, with_metadata
+from .events import dispatch_decision_events
+from .llm import METADATA_KEY, GuardSpec, build_guard, scan_images
+
+TEXT_NODE_DECISION: dict[str, Any] = {"decision": "allow", "status": "ok", "unsafe": False, "reason": "no image in node"}
+"""The metadata recorded on nodes that carry no image (nothing to check)."""
+
+
+class GuardAlignImagePostprocessor(BaseNodePostprocessor):
+    """Scan retrieved image nodes in one batch; mask or drop unsafe ones; record every decision.
+
+    Nodes come out in their original order and score; nodes are copied, never modified in
+    place, so the index's stored nodes stay untouched. A masked node's original
+    ``image_path``/``image_url`` is cleared so nothing downstream can load the original; a
+    node whose image came by URL is always given the checked pixels inline (LlamaIndex would
+    otherwise fetch the URL again). A node whose image cannot be checked is dropped, unless
+    ``fail_open`` is set: then it is forwarded unchanged with ``status: error`` in its
+    metadata (LlamaIndex may then fetch an ``image_url`` itself).
+
+    Args:
+        config: a preset name, config file or :class:`GuardConfig` (default: ``GuardConfig()``).
+        guard: an existing :class:`ImageGuard` to share (e.g. the one of a ``GuardAlignLLM``).
+        action: shortcut for ``config.policy.action``: ``"mask"`` (default), ``"block"`` (drop
+            unsafe nodes), ``"flag"`` (keep them unchanged, decision recorded).
+        fail_open: shortcut for ``config.policy.fail_open``.
+        metadata_key: the metadata key of the decision (default ``"guardalign"``).
+        annotate_text_nodes: also record ``{"decision": "allow", ...}`` on nodes without images.
+        reuse_checked: reuse this guard's verdicts on inline images it has already checked.
+
+    Example:
+        >>> from llama_index.core.query_engine import RetrieverQueryEngine
+        >>> screen = GuardAlignImagePostprocessor("fast-cpu")  # doctest: +SKIP
+        >>> engine = RetrieverQueryEngine.from_args(
+        ...     retriever, llm=llm, node_postprocessors=[screen], multimodal=True
+        ... )  # doctest: +SKIP
+        >>> [n.node.metadata["guardalign"]["decision"] for n in engine.retrieve(QueryBundle("q"))]  # doctest: +SKIP
+        ['allow', 'mask', 'allow']
+    """
+
+    metadata_key: str = Field(METADATA_KEY, description="Metadata key holding each node's decision summary.")
+    annotate_text_nodes: bool = Field(True, description="Record an 'allow, no image' decision on nodes without images too.")
+    reuse_checked: bool = Field(
+        True, description="Do not rescan inline images this guard already checked (the same image retrieved again)."
+    )
+
+    _guard: ImageGuard = PrivateAttr()
+
+    def __init__(
+        self,
+        config: GuardSpec = None,
+        *,
+        guard: ImageGuard | None = None,
+        action: Literal["mask", "block", "flag"] | None = None,
+        fail_open: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._guard = build_guard(config, guard=guard, action=action, fail_open=fail_open)
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        # Copies share the guard: it holds a lock (not copyable) and the one loaded CLIP.
+        memo = {} if memo is None else memo
+        memo[id(self._guard)] = self._guard
+        return super().__deepcopy__(memo)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "GuardAlignImagePostprocessor"
+
+    @property
+    def guard(self) -> ImageGuard:
+        """The :class:`ImageGuard` (config, detector, policy) this postprocessor uses."""
+        return self._guard
+
+    def scan_nodes(self, nodes: list[BaseNode]) -> tuple[list[ScanResult], list[bytes | None]]:
+        """One batched detector call over the images of ``nodes`` (all must carry one); sends the events.
+
+        Returns one result per node and, per node, the sanitised PNG when it was masked.
+
+        Raises:
+            TypeError: a node carries no image.
+        """
+        if not nodes:
+            return [], []
+        results, pngs = scan_images(
+            self._guard, [node_image_source(n) for n in nodes], [node_label(n) for n in nodes], reuse=self.reuse_checked
+        )
+        dispatch_decision_events(results, component="postprocessor", node_ids=[n.node_id for n in nodes])
+        return results, pngs
+
+    def _postprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
+        positions = [i for i, n in enumerate(nodes) if has_image(n.node)]
+        results, pngs = self.scan_nodes([nodes[i].node for i in positions])
+        outcome = {i: (results[k], pngs[k]) for k, i in enumerate(positions)}
+        out = []
+        for i, scored in enumerate(nodes):
+            if i in outcome:
+                result, png = outcome[i]
+                replaced = replace_node_image(scored.node, result, png)
+                if replaced is None:
+                    continue
+                new = with_metadata(replaced, self.metadata_key, result.summary())
+            elif self.annotate_text_nodes:
+                new = with_metadata(scored.node, self.metadata_key, dict(TEXT_NODE_DECISION))
+            else:
+                new = scored.node
+            out.append(scored.model_copy(update={"node": new}))
+        return out
+
+    async def _apostprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        if not any(has_image(n.node) for n in nodes):
+            return self._postprocess_nodes(nodes, query_bundle)
+        return await asyncio.to_thread(self._postprocess_nodes, nodes, query_bundle)

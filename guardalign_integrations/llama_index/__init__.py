@@ -24,7 +24,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from ._messages import DEFAULT_REFUSAL  # noqa: E402
 from .events import GuardAlignDecisionEvent  # noqa: E402
-from .llm import METADATA_KEY, GuardAlignFunctionCallingLLM, GuardAlignLLM, GuardedRequest  # noqa: E402
+from .llm import METADATA_KEY, GuardAlignFunctionCallingLLM, GuardAlignLLM  # noqa: E402
 from .multi_modal import GuardAlignMultiModalLLM  # noqa: E402
 from .postprocessor import GuardAlignImagePostprocessor  # noqa: E402
 
@@ -36,5 +36,4 @@ __all__ = [
     "GuardAlignImagePostprocessor",
     "GuardAlignLLM",
     "GuardAlignMultiModalLLM",
-    "GuardedRequest",
 ]

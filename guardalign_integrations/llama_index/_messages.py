@@ -31,8 +31,8 @@ from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRol
 from llama_index.core.schema import BaseNode, ImageNode, MediaResource, Node
 from PIL import Image
 
-from guardalign_core.guard import GuardDecision, SafetyPrompt
 from guardalign_core.errors import ImageError
+from guardalign_core.guard import GuardDecision, SafetyPrompt
 from guardalign_core.images import ImageSource, decode_data_url
 from guardalign_core.results import Decision, ScanResult, Status
 

@@ -413,6 +413,8 @@ class GuardAlignLLM(GuardedEndpoints, LLM):
         on_block: ``"refuse"`` (default) returns :attr:`refusal_text` as the answer;
             ``"raise"`` raises :class:`~guardalign_core.errors.GuardAlignViolation`.
         refusal_text: the assistant text of a refusal.
+        reuse_checked: reuse this guard's verdicts on inline images and files it already
+            checked, and pass on images it sanitised itself unchanged (default ``True``).
         **kwargs: other ``LLM`` fields (``system_prompt`` defaults to the wrapped model's).
 
     Raises:

@@ -69,7 +69,8 @@ class GuardAlignMultiModalLLM(GuardedEndpoints, MultiModalLLM):
     Args:
         llm: the model to guard: a legacy ``MultiModalLLM``, or a chat ``LLM`` (then
             ``complete`` sends the images and prompt as one user message).
-        config, guard, action, fail_open, on_block, refusal_text: as for :class:`GuardAlignLLM`.
+        config, guard, action, fail_open, on_block, refusal_text, reuse_checked: as for
+            :class:`GuardAlignLLM`.
 
     Example:
         >>> from llama_index.core.query_engine import SimpleMultiModalQueryEngine

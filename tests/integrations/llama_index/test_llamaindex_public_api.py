@@ -13,7 +13,6 @@ def test_all_is_pinned():
         "GuardAlignImagePostprocessor",
         "GuardAlignLLM",
         "GuardAlignMultiModalLLM",
-        "GuardedRequest",
         "METADATA_KEY",
     ]
     for name in li.__all__:

@@ -121,3 +121,19 @@ def test_cli_chat_and_profile_on_a_saved_checkpoint(tmp_path, tiny_clip_checkpoi
     assert [r["layer"] for r in calibrated_layers] == [1, 2]
     assert all(r["calibrated"] > r["baseline"] for r in calibrated_layers)
     assert plot.is_file()
+
+
+def test_stop_strings_and_seeded_sampling(guard_config):
+    from guardalign_core.lvlm import GenerationOptions
+
+    pipe, processor = _pipe("llava", guard_config, prefix=PrefixConfig(policy="never"))
+    special = {"suppress_tokens": processor.tokenizer.all_special_ids}
+    prepared = pipe.lvlm.prepare("Describe the image.")
+    ids = pipe.lvlm.generate_ids(prepared, GenerationOptions(max_new_tokens=12), **special).tolist()
+    pieces = [processor.tokenizer.decode([t]) for t in ids]
+    k = next(i for i, p in enumerate(pieces) if i >= 2 and p.strip().isascii() and p.strip().isalnum())
+    stopped = pipe.generate("Describe the image.", max_new_tokens=12, stop=[pieces[k].strip()], **special)
+    assert stopped.record.output_tokens <= k + 1 < 12
+    a = pipe.generate("Describe the image.", max_new_tokens=8, temperature=1.0, seed=7, **special).text
+    b = pipe.generate("Describe the image.", max_new_tokens=8, temperature=1.0, seed=7, **special).text
+    assert a == b

@@ -95,7 +95,8 @@ def bench_langchain(n: int = 50, *, backbone: str = TINY_CLIP, image: str | Path
 
         def guard_for(threshold: float) -> GuardAlignGuard:
             detector = tiny_detector_config(checkpoint, threshold=threshold, cache_dir=tmp).model_copy(update={"model": backbone})
-            return GuardAlignGuard(config=GuardConfig(detector=detector, policy=PolicyConfig(action="mask")))
+            # reuse off: the same image every iteration would otherwise be scanned only once
+            return GuardAlignGuard(config=GuardConfig(detector=detector, policy=PolicyConfig(action="mask")), reuse_checked=False)
 
         passing, masking = guard_for(-1.0), guard_for(100.0)
         bare = FakeListChatModel(responses=["ok"])

@@ -34,7 +34,16 @@ from pydantic import ConfigDict, Field, model_validator
 from guardalign_core.guard import GuardDecision
 
 from ._messages import refusal_message
-from .guard import DEFAULT_REFUSAL, METADATA_KEY, GuardAlignGuard, GuardedRequest, aemit_decision, child_callbacks, emit_decision
+from .guard import (
+    DEFAULT_REFUSAL,
+    METADATA_KEY,
+    GuardAlignGuard,
+    GuardedRequest,
+    aemit_decision,
+    child_callbacks,
+    coerce_guard,
+    emit_decision,
+)
 
 _INNER_TAGS = ["nostream"]
 """The wrapped model's run is traced as a child but not streamed again (LangGraph's ``nostream`` tag)."""
@@ -70,6 +79,8 @@ class GuardedChatModel(BaseChatModel):
         model: the chat model that answers (any ``BaseChatModel``).
         guard: a :class:`GuardAlignGuard`, or what builds one (a preset name, a config
             file, a ``GuardConfig``).
+        action, fail_open: shortcuts for the guard's policy (``"mask"``, ``"block"``,
+            ``"flag"``; pass unchecked images on instead of blocking).
         on_block: ``"refuse"`` (default) answers with :attr:`refusal`; ``"raise"`` raises
             :class:`~guardalign_core.errors.GuardAlignViolation`.
 
@@ -113,9 +124,11 @@ class GuardedChatModel(BaseChatModel):
         for key in _PROVIDER_PARAMS:
             if key in values:
                 raise ValueError(f"{key}: set it on the wrapped chat model, e.g. GuardedChatModel(model=ChatOpenAI({key}=...))")
+        shortcuts = {k: values[k] for k in ("action", "fail_open") if k in values}
         guard = values.get("guard")
-        if guard is not None and not isinstance(guard, GuardAlignGuard):
-            values = {**values, "guard": GuardAlignGuard(config=guard)}
+        if shortcuts or (guard is not None and not isinstance(guard, GuardAlignGuard)):
+            rest = {k: v for k, v in values.items() if k not in shortcuts}
+            values = {**rest, "guard": coerce_guard(guard, **shortcuts)}
         return values
 
     @model_validator(mode="after")

@@ -9,8 +9,10 @@ event ``guardalign_decision`` and recorded in the run's metadata under ``guardal
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from langchain_core.prompt_values import ChatPromptValue
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langchain_core.runnables.config import ensure_config, get_callback_manager_for_config, run_in_executor
 from langchain_core.tracers.schemas import Run
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from guardalign_core.config import GuardConfig, get_preset, load_config
 from guardalign_core.errors import GuardAlignViolation
@@ -54,6 +56,8 @@ DEFAULT_REFUSAL = "I can't help with this request: an image in it was blocked by
 """The refusal returned instead of an answer when a request is blocked."""
 
 _ENGINE_LOCK = threading.Lock()
+_REUSE_ENTRIES = 64
+_REUSE_BYTES = 64 * 1024 * 1024
 
 
 def resolve_guard_config(spec: str | Path | GuardConfig | dict[str, Any] | None) -> GuardConfig:
@@ -77,14 +81,76 @@ def resolve_guard_config(spec: str | Path | GuardConfig | dict[str, Any] | None)
     raise TypeError(f"config: expected a preset name, config file, dict or GuardConfig, got {type(spec).__name__}")
 
 
+def coerce_guard(guard: Any = None, *, action: str | None = None, fail_open: bool | None = None) -> GuardAlignGuard:
+    """A :class:`GuardAlignGuard` from a guard, a preset name, a config file or a config.
+
+    ``action`` and ``fail_open``, when given, override the policy (a given guard is copied).
+    """
+    shortcuts = {k: v for k, v in (("action", action), ("fail_open", fail_open)) if v is not None}
+    if isinstance(guard, GuardAlignGuard):
+        if not shortcuts:
+            return guard
+        return GuardAlignGuard(config=guard.config, reuse_checked=guard.reuse_checked, **shortcuts)
+    return GuardAlignGuard(config=guard, **shortcuts)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What a guard remembers about one image: its verdict, and what to forward in its place."""
+
+    result: ScanResult  # without masked_image
+    block: dict[str, Any] | None  # the sanitised v1 block to forward (mask), or None: forward the image as sent
+
+
+class _CheckedImages:
+    """Inline images a guard has already checked or produced, by SHA-256 of their data URL.
+
+    Chat histories and agent loops resend the same images at every step; rescanning them
+    would cost a CLIP pass each time. Remote URLs are never remembered (their content can
+    change). Bounded in entries and in stored bytes; thread-safe.
+    """
+
+    def __init__(self, max_entries: int = _REUSE_ENTRIES, max_bytes: int = _REUSE_BYTES) -> None:
+        self._entries: OrderedDict[tuple[str, str], _Checked] = OrderedDict()
+        self._max_entries, self._max_bytes, self._bytes = max_entries, max_bytes, 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(entry: _Checked) -> int:
+        return len(entry.block["base64"]) if entry.block else 0
+
+    def get(self, key: tuple[str, str]) -> _Checked | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple[str, str], entry: _Checked) -> None:
+        with self._lock:
+            old = self._entries.pop(key, None)
+            self._bytes += self._size(entry) - (self._size(old) if old else 0)
+            self._entries[key] = entry
+            while self._entries and (len(self._entries) > self._max_entries or self._bytes > self._max_bytes):
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= self._size(dropped)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 @dataclass
 class GuardedRequest:
     """The guard's work on one request: the decision and the messages to forward.
 
     Attributes:
         messages: the sanitised messages, or ``None`` when the request is blocked (it must
-            not be forwarded).
+            not be forwarded). Their image blocks are what a model should see (a local
+            model decodes them with ``guardalign_core.images.load_image``).
         decision: the inspectable decision; ``decision.results[i]`` belongs to ``images[i]``.
+            Freshly scanned results carry ``masked_image``; results reused from earlier
+            requests do not (their reason ends in "(reused)").
         images: where each checked image sits in the request.
     """
 
@@ -141,7 +207,24 @@ class GuardAlignGuard(RunnableSerializable[LanguageModelInput, ChatPromptValue])
     config: GuardConfig = Field(default_factory=GuardConfig)
     """Detector, policy, image limits and safety prefix (a preset name or file is accepted too)."""
 
+    reuse_checked: bool = True
+    """Remember verdicts on inline images (by SHA-256), so images resent in a chat or agent loop are not rescanned."""
+
     _engine: ImageGuard | None = PrivateAttr(default=None)
+    _checked: _CheckedImages = PrivateAttr(default_factory=_CheckedImages)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_shortcuts(cls, values: Any) -> Any:
+        """``action=`` and ``fail_open=`` as shortcuts for the config's policy fields."""
+        if not isinstance(values, dict) or not ({"action", "fail_open"} & set(values)):
+            return values
+        values = dict(values)
+        shortcuts = {k: values.pop(k) for k in ("action", "fail_open") if k in values}
+        config = resolve_guard_config(values.get("config"))
+        policy = config.policy.model_validate({**config.policy.model_dump(), **shortcuts})
+        values["config"] = config.model_copy(update={"policy": policy})
+        return values
 
     @field_validator("config", mode="before")
     @classmethod
@@ -179,44 +262,83 @@ class GuardAlignGuard(RunnableSerializable[LanguageModelInput, ChatPromptValue])
         }
 
     # -- the work (no callbacks) ------------------------------------------------------------
+    def _scan(self, refs: Sequence[ImageRef]) -> tuple[list[ScanResult], list[_Checked | None], list[tuple[str, str] | None]]:
+        """Per image: its result (reused, scanned in one batch, or an error for unreadable blocks),
+        the remembered entry it came from (or ``None``), and its reuse key (or ``None``)."""
+        engine = self.engine
+        fingerprint = _digest(self.config.model_dump_json()) if self.reuse_checked else ""
+        keys = [
+            (fingerprint, _digest(ref.source)) if self.reuse_checked and ref.source is not None and not ref.remote else None
+            for ref in refs
+        ]
+        results: list[ScanResult | None] = [None] * len(refs)
+        reused: list[_Checked | None] = [None] * len(refs)
+        for i, key in enumerate(keys):
+            entry = self._checked.get(key) if key is not None else None
+            if entry is not None:
+                reused[i] = entry
+                results[i] = entry.result.model_copy(update={"index": i, "source": refs[i].label})
+        misses = [i for i, ref in enumerate(refs) if results[i] is None and ref.source is not None]
+        if misses:
+            scanned = engine.detector.scan(
+                [refs[i].source for i in misses], sources=[refs[i].label for i in misses], policy=engine.policy
+            )
+            for i, result in zip(misses, scanned):
+                results[i] = result.model_copy(update={"index": i})
+        final = [r if r is not None else _unreadable_result(i, refs[i], self.config) for i, r in enumerate(results)]
+        return final, reused, keys
+
     def _decide(self, refs: Sequence[ImageRef]) -> GuardDecision:
-        """Scan every readable image in one batch; unreadable blocks get error results."""
         engine = self.engine
         if not refs:
             return engine.decide([])
-        readable = [i for i, ref in enumerate(refs) if ref.source is not None]
-        results: list[ScanResult | None] = [None] * len(refs)
-        if readable:
-            scanned = engine.detector.scan(
-                [refs[i].source for i in readable], sources=[refs[i].label for i in readable], policy=engine.policy
-            )
-            for i, result in zip(readable, scanned):
-                results[i] = result.model_copy(update={"index": i})
-        final = [r if r is not None else _unreadable_result(i, refs[i], self.config) for i, r in enumerate(results)]
-        return engine.decide(final)
+        results, _, _ = self._scan(refs)
+        return engine.decide(results)
 
-    def _build(
-        self, messages: list[BaseMessage], refs: list[ImageRef], decision: GuardDecision, safety_prompt: bool
-    ) -> GuardedRequest:
+    def _sanitize_messages(self, messages: list[BaseMessage], refs: list[ImageRef], safety_prompt: bool) -> GuardedRequest:
+        engine = self.engine
+        if not refs:
+            decision = engine.decide([])
+            return GuardedRequest(apply_safety_prompt(messages, decision.safety_prompt) if safety_prompt else list(messages), decision, refs)
+        results, reused, keys = self._scan(refs)
+        decision = engine.decide(results)
+        logger.debug("guardalign decision: %s", decision.reason)
         if decision.blocked:
             return GuardedRequest(None, decision, refs)
         replacements: dict[ImageRef, dict[str, Any]] = {}
-        for ref, result in zip(refs, decision.results):
-            if result.status == Status.ERROR or result.masked_image is None:
+        for ref, result, entry, key in zip(refs, results, reused, keys):
+            if result.status == Status.ERROR:
                 continue  # fail_open: forwarded as sent (the decision says status=error)
+            if entry is not None:
+                if entry.block is not None:
+                    replacements[ref] = entry.block
+                continue
+            block = None
             # Masked images go back as PNG; a fetched remote image is forwarded as the pixels
             # that were checked, so the model cannot get different content from the URL.
-            if result.decision == Decision.MASK or ref.remote:
-                replacements[ref] = image_to_block(result.masked_image)
+            if result.masked_image is not None and (result.decision == Decision.MASK or ref.remote):
+                block = replacements[ref] = image_to_block(result.masked_image)
+            if key is not None:
+                self._remember(key, result, block)
         sanitised = replace_images(messages, replacements)
         if safety_prompt:
             sanitised = apply_safety_prompt(sanitised, decision.safety_prompt)
         return GuardedRequest(sanitised, decision, refs)
 
-    def _sanitize_messages(self, messages: list[BaseMessage], refs: list[ImageRef], safety_prompt: bool) -> GuardedRequest:
-        decision = self._decide(refs)
-        logger.debug("guardalign decision: %s", decision.reason)
-        return self._build(messages, refs, decision, safety_prompt)
+    def _remember(self, key: tuple[str, str], result: ScanResult, block: dict[str, Any] | None) -> None:
+        """Remember an image's verdict, and its sanitised output as already sanitised.
+
+        Masking is not idempotent (each patch's OT weight depends on every patch), so the
+        guard's own output must not be masked again when it comes back in a later turn.
+        """
+        if result.decision == Decision.MASK and block is None:
+            return
+        stored = result.model_copy(update={"masked_image": None, "reason": f"{result.reason} (reused)"})
+        self._checked.put(key, _Checked(stored, block))
+        if block is not None:
+            done = result.model_copy(update={"masked_image": None, "reason": f"already sanitised by this guard: {result.reason}"})
+            output_key = (key[0], _digest(f"data:{block['mime_type']};base64,{block['base64']}"))
+            self._checked.put(output_key, _Checked(done, None))
 
     def check(self, input: LanguageModelInput) -> GuardDecision:  # noqa: A002 (Runnable naming)
         """Check-only mode: scan the request's images and return the decision, changing nothing.

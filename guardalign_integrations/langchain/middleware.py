@@ -34,6 +34,7 @@ from .guard import (
     GuardAlignGuard,
     GuardedRequest,
     aemit_decision_in_context,
+    coerce_guard,
     emit_decision_in_context,
 )
 
@@ -54,6 +55,7 @@ class GuardAlignMiddleware(AgentMiddleware[GuardAlignState, Any, Any]):
     Args:
         guard: a :class:`GuardAlignGuard`, or what builds one (preset name, config file,
             ``GuardConfig``); ``None`` uses the default configuration.
+        action, fail_open: shortcuts for the guard's policy.
         on_block: ``"refuse"`` (default) ends the run with a refusal message; ``"raise"``
             raises :class:`~guardalign_core.errors.GuardAlignViolation`.
         refusal: text of the refusal.
@@ -73,13 +75,15 @@ class GuardAlignMiddleware(AgentMiddleware[GuardAlignState, Any, Any]):
         self,
         guard: GuardAlignGuard | GuardConfig | str | None = None,
         *,
+        action: Literal["mask", "block", "flag"] | None = None,
+        fail_open: bool | None = None,
         on_block: Literal["refuse", "raise"] = "refuse",
         refusal: str = DEFAULT_REFUSAL,
     ) -> None:
         super().__init__()
         if on_block not in ("refuse", "raise"):
             raise ValueError(f"on_block: expected 'refuse' or 'raise', got {on_block!r}")
-        self.guard = guard if isinstance(guard, GuardAlignGuard) else GuardAlignGuard(config=guard)
+        self.guard = coerce_guard(guard, action=action, fail_open=fail_open)
         self.on_block = on_block
         self.refusal = refusal
 

@@ -90,7 +90,8 @@ def test_streaming_is_real(make_config: Callable[..., Any], image_paths: list[Pa
         for chunk in llm.stream(request):
             arrivals.append(time.perf_counter())
             chunks.append(chunk)
-    assert arrivals[0] < inner.produced_at[-1] - 0.5  # first chunk out long before the model finished
+    assert arrivals[0] < inner.produced_at[-1]  # the caller had chunk 1 before the model produced its last
+    assert arrivals[-1] - arrivals[0] > 0.5  # and the chunks kept arriving as they were produced
     assert chunks[-1].chunk_position == "last"
     assert chunks[0].response_metadata[METADATA_KEY]["decision"] == "mask"
     full = chunks[0]
@@ -181,3 +182,5 @@ def test_tracing_params_and_settings_forwarding(make_config: Callable[..., Any])
     with pytest.raises(ValueError, match="Extra inputs"):
         GuardedChatModel(model=RecordingChatModel(), tempreature=0.5)
     assert isinstance(GuardedChatModel(model=RecordingChatModel(), guard=GuardAlignGuard()).guard, GuardAlignGuard)
+    flagged = GuardedChatModel(model=RecordingChatModel(), guard=make_config(ALL_SAFE), action="flag", fail_open=True)
+    assert (flagged.guard.config.policy.action, flagged.guard.config.policy.fail_open) == ("flag", True)

@@ -282,7 +282,7 @@ async def test_abatch_matches_sequential_and_loads_clip_once(
         else:
             requests.append([_user(f"broken {i}", broken if i % 8 == 3 else v1_block(image_paths[(i + 5) % 8]))])
 
-    guard = GuardAlignGuard(config=make_config(mixed_threshold))
+    guard = GuardAlignGuard(config=make_config(mixed_threshold), reuse_checked=False)  # every request really scans
     detector = guard.engine.detector
     in_flight, peak, lock = [0], [0], threading.Lock()
     scan = detector.scan
@@ -351,4 +351,42 @@ def test_streaming_through_the_guard_is_not_buffered(
         for _ in chain.stream({"q": "hello"}):
             arrivals.append(time.perf_counter())
     assert len(arrivals) >= 5
-    assert arrivals[0] < llm.produced_at[-1] - 0.3  # the caller saw chunk 1 while the model was still producing
+    assert arrivals[0] < llm.produced_at[-1]  # the caller had chunk 1 before the model produced its last
+    assert arrivals[-1] - arrivals[0] > 0.4  # and the chunks kept arriving as they were produced
+
+
+def test_resent_images_are_not_rescanned(make_config: Callable[..., Any], image_paths: list[Path], v1_block: Callable) -> None:
+    calls: list[int] = []
+    guard = GuardAlignGuard(config=make_config(ALL_UNSAFE))
+    scan = guard.engine.detector.scan
+
+    def counting_scan(images: Any, **kwargs: Any) -> Any:
+        calls.append(len(images))
+        return scan(images, **kwargs)
+
+    guard.engine.detector.scan = counting_scan  # type: ignore[method-assign]
+    request = [_user("first turn", v1_block(image_paths[0]))]
+    first = guard.invoke(request).to_messages()
+    second = guard.invoke([*request, AIMessage(content="ok"), HumanMessage(content="and now?")]).to_messages()
+    assert calls == [1]  # the second turn reused the verdict
+    assert second[1].content[1] == first[1].content[1]  # the same sanitised pixels, not a re-masked image
+    decision = guard.check(first)  # the guard's own output comes back: recognised, not masked again
+    assert calls == [1] and "already sanitised" in decision.results[0].reason
+    assert guard.invoke(first).to_messages()[1].content[1] == first[1].content[1]
+
+    fresh = GuardAlignGuard(config=make_config(ALL_UNSAFE), reuse_checked=False)
+    fresh_scan = fresh.engine.detector.scan
+    fresh_calls: list[int] = []
+    fresh.engine.detector.scan = lambda images, **kw: fresh_calls.append(1) or fresh_scan(images, **kw)  # type: ignore[method-assign]
+    fresh.invoke(request)
+    fresh.invoke(request)
+    assert len(fresh_calls) == 2
+
+
+def test_policy_shortcuts(make_config: Callable[..., Any]) -> None:
+    guard = GuardAlignGuard(config=make_config(ALL_UNSAFE), action="block", fail_open=True)
+    assert (guard.config.policy.action, guard.config.policy.fail_open) == ("block", True)
+    assert guard.config.detector.threshold == ALL_UNSAFE
+    assert GuardAlignGuard(config="tiny-random", action="flag").config.detector.model == "guardalign-tiny-clip"
+    with pytest.raises(ValueError, match="action"):
+        GuardAlignGuard(action="drop")

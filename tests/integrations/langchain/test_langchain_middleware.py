@@ -95,6 +95,7 @@ def test_block_can_raise(make_config: Callable[..., Any], image_paths: list[Path
         agent.invoke({"messages": [_question(image_paths[0])]})
     with pytest.raises(ValueError, match="on_block"):
         GuardAlignMiddleware(on_block="ignore")  # type: ignore[arg-type]
+    assert GuardAlignMiddleware(make_config(ALL_SAFE), action="block").guard.config.policy.action == "block"
 
 
 async def test_async_agent_dispatches_decision_events(
@@ -115,3 +116,17 @@ def test_text_only_agent_never_loads_clip(make_config: Callable[..., Any], fetch
     result = agent.invoke({"messages": [HumanMessage(content="hello")]})
     assert result["guardalign_decisions"][0]["images"] == []
     assert not middleware.guard.engine.detector_loaded
+
+
+def test_guarded_chat_model_as_agent_model_streams_tokens_once(make_config: Callable[..., Any], fetch_image: BaseTool) -> None:
+    from guardalign_lc_fakes import RecordingChatModel
+
+    from guardalign_integrations.langchain import GuardedChatModel
+
+    call = AIMessage(content="", tool_calls=[{"name": "fetch_image", "args": {"name": "x"}, "id": "c1", "type": "tool_call"}])
+    tools_agent = create_agent(GuardedChatModel(model=ScriptedToolModel(script=[call, AIMessage("done")]), guard=make_config(ALL_SAFE)), tools=[fetch_image])
+    assert [m.type for m in tools_agent.invoke({"messages": [HumanMessage("hi")]})["messages"]] == ["human", "ai", "tool", "ai"]
+
+    streaming = create_agent(GuardedChatModel(model=RecordingChatModel(reply="one two three"), guard=make_config(ALL_SAFE)), tools=[])
+    tokens = [m.content for m, _ in streaming.stream({"messages": [HumanMessage("hi")]}, stream_mode="messages") if m.type == "AIMessageChunk"]
+    assert "".join(tokens) == "one two three"  # the wrapped model's own run is not streamed a second time

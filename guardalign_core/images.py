@@ -209,13 +209,21 @@ def read_image_bytes(source_obj: ImageSource, limits: ImageLimits | None = None,
         return _fetch(text, limits, source)
     if scheme == "file":
         return _read_path(Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)), limits, source)
-    if len(text) < 4096 and ("/" in text or "\\" in text or "." in text[-6:]) and Path(text).exists():
+    if len(text) < 4096 and ("/" in text or "\\" in text or "." in text[-6:]) and _is_file(text):
         return _read_path(Path(text), limits, source)
     if len(text) >= 16 and _BASE64_CHARS.match(text):
         return _b64decode(text, source=source)
     if len(text) < 4096 and not _BASE64_CHARS.match(text):
         raise InvalidImageSourceError("no such file, and not a data URL or base64 string", source=source)
     raise InvalidImageSourceError("not a path, data URL or valid base64 string", source=source)
+
+
+def _is_file(text: str) -> bool:
+    """Whether a string names an existing file; base64 payloads can be invalid paths (too long)."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _read_path(path: Path, limits: ImageLimits, source: str | None) -> bytes:

@@ -136,3 +136,10 @@ def test_error_names_the_source_not_the_content(rgb):
 
 def test_base64_png_roundtrip_is_lossless(rgb):
     assert np.array_equal(np.asarray(load_image(to_base64_png(rgb))), np.asarray(rgb))
+
+
+def test_base64_that_looks_like_an_overlong_path_is_not_an_os_error(rgb):
+    payload = base64.b64encode(_png(rgb)).decode()
+    tricky = "a" * 300 + "/" + payload[:3000]
+    with pytest.raises((InvalidImageSourceError, UnsupportedImageFormatError, CorruptImageError)):
+        load_image(tricky)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_vali
 
 from guardalign_core.config import GuardConfig, get_preset, load_config
 from guardalign_core.errors import GuardAlignViolation
+from guardalign_core._lru import BoundedLRU
 from guardalign_core.guard import GuardDecision, ImageGuard
 from guardalign_core.results import Decision, ScanResult, Status
 
@@ -102,7 +102,7 @@ class _Checked:
     block: dict[str, Any] | None  # the sanitised v1 block to forward (mask), or None: forward the image as sent
 
 
-class _CheckedImages:
+class _CheckedImages(BoundedLRU[tuple[str, str], _Checked]):
     """Inline images a guard has already checked or produced, by SHA-256 of their data URL.
 
     Chat histories and agent loops resend the same images at every step; rescanning them
@@ -111,29 +111,7 @@ class _CheckedImages:
     """
 
     def __init__(self, max_entries: int = _REUSE_ENTRIES, max_bytes: int = _REUSE_BYTES) -> None:
-        self._entries: OrderedDict[tuple[str, str], _Checked] = OrderedDict()
-        self._max_entries, self._max_bytes, self._bytes = max_entries, max_bytes, 0
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _size(entry: _Checked) -> int:
-        return len(entry.block["base64"]) if entry.block else 0
-
-    def get(self, key: tuple[str, str]) -> _Checked | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def put(self, key: tuple[str, str], entry: _Checked) -> None:
-        with self._lock:
-            old = self._entries.pop(key, None)
-            self._bytes += self._size(entry) - (self._size(old) if old else 0)
-            self._entries[key] = entry
-            while self._entries and (len(self._entries) > self._max_entries or self._bytes > self._max_bytes):
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= self._size(dropped)
+        super().__init__(max_entries, max_bytes, size=lambda entry: len(entry.block["base64"]) if entry.block else 0)
 
 
 def _digest(text: str) -> str:

@@ -17,7 +17,6 @@ import hashlib
 import os
 import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncGenerator, Callable, ClassVar, Generator, Literal, Sequence, TypeVar, Union
@@ -42,6 +41,7 @@ from llama_index.core.tools.types import BaseTool
 
 from guardalign_core.config import GuardConfig, PolicyConfig
 from guardalign_core.errors import GuardAlignViolation, ImageError
+from guardalign_core._lru import BoundedLRU
 from guardalign_core.guard import GuardDecision, ImageGuard
 from guardalign_core.images import ImageSource, read_image_bytes
 from guardalign_core.results import Decision, ScanResult, Status
@@ -106,7 +106,7 @@ _CACHE_SIZE = 64
 _CACHE_BYTES = 64 * 1024 * 1024
 
 
-class _CheckedImages:
+class _CheckedImages(BoundedLRU[tuple[str, str], tuple[ScanResult, bytes | None]]):
     """Inline images one guard has already checked or produced, by SHA-256 of their bytes.
 
     Chat histories and agent loops resend the same images on every turn, and a guarded LLM
@@ -119,28 +119,7 @@ class _CheckedImages:
     """
 
     def __init__(self, maxsize: int = _CACHE_SIZE, max_bytes: int = _CACHE_BYTES) -> None:
-        self._maxsize = maxsize
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._entries: OrderedDict[tuple[str, str], tuple[ScanResult, bytes | None]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str]) -> tuple[ScanResult, bytes | None] | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def put(self, key: tuple[str, str], entry: tuple[ScanResult, bytes | None]) -> None:
-        with self._lock:
-            old = self._entries.pop(key, None)
-            self._bytes -= len(old[1] or b"") if old else 0
-            self._entries[key] = entry
-            self._bytes += len(entry[1] or b"")
-            while self._entries and (len(self._entries) > self._maxsize or self._bytes > self._max_bytes):
-                _, (_, png) = self._entries.popitem(last=False)
-                self._bytes -= len(png or b"")
+        super().__init__(maxsize, max_bytes, size=lambda entry: len(entry[1] or b""))
 
 
 _CHECKED: weakref.WeakKeyDictionary[ImageGuard, _CheckedImages] = weakref.WeakKeyDictionary()

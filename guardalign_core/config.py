@@ -186,6 +186,28 @@ def load_config(path: str | Path) -> GuardConfig:
     return GuardConfig.model_validate(data)
 
 
+def resolve_config(spec: "str | Path | GuardConfig | DetectorConfig | dict | None") -> GuardConfig:
+    """A :class:`GuardConfig` from a preset name, a YAML/JSON file, a dict, a config object or ``None``.
+
+    Raises:
+        ValueError: unknown preset, missing file or invalid fields. TypeError: any other type.
+    """
+    if spec is None:
+        return GuardConfig()
+    if isinstance(spec, GuardConfig):
+        return spec.model_copy(deep=True)
+    if isinstance(spec, DetectorConfig):
+        return GuardConfig(detector=spec)
+    if isinstance(spec, dict):
+        return GuardConfig.model_validate(spec)
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
+            return load_config(path)
+        return get_preset(str(spec))
+    raise TypeError(f"expected a preset name, config file, dict, GuardConfig or DetectorConfig, got {type(spec).__name__}")
+
+
 def save_config(config: GuardConfig, path: str | Path) -> Path:
     """Write a config as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
     path = Path(path)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .concepts import ConceptBank, bank_from_config
-from .config import DetectorConfig, GuardConfig, PolicyConfig, get_preset, load_config
+from .config import DetectorConfig, GuardConfig, PolicyConfig, resolve_config
 from .encoders import ClipEncoder, get_clip_encoder
 from .errors import ImageError
 from .images import ImageLimits, ImageSource, load_image
@@ -401,21 +401,6 @@ class CosineDetector(BaseDetector):
         return f"global cosine to the unsafe prompt {cos:.4f} {relation} {self.threshold:g}"
 
 
-def _resolve_config(spec: str | Path | GuardConfig | DetectorConfig | None) -> GuardConfig:
-    if spec is None:
-        return GuardConfig()
-    if isinstance(spec, GuardConfig):
-        return spec.model_copy(deep=True)
-    if isinstance(spec, DetectorConfig):
-        return GuardConfig(detector=spec)
-    if isinstance(spec, (str, Path)):
-        path = Path(spec)
-        if path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
-            return load_config(path)
-        return get_preset(str(spec))
-    raise TypeError(f"expected a preset name, config file, GuardConfig or DetectorConfig, got {type(spec).__name__}")
-
-
 def create_detector(
     spec: str | Path | GuardConfig | DetectorConfig | None = None,
     *,
@@ -445,7 +430,7 @@ def create_detector(
         >>> detector.config.grid_size
         2
     """
-    config = _resolve_config(spec)
+    config = resolve_config(spec)
     detector_config = DetectorConfig.model_validate({**config.detector.model_dump(), **overrides}) if overrides else config.detector
     kwargs: dict[str, Any] = {"policy": policy or config.policy, "image_limits": image_limits or config.images}
     if detector_config.kind == "cosine":

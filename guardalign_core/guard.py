@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import GuardConfig, PolicyConfig, PrefixConfig
-from .detector import BaseDetector, _resolve_config, create_detector
+from .config import resolve_config
+from .detector import BaseDetector, create_detector
 from .images import ImageSource
 from .results import Decision, ScanResult, Status
 
@@ -121,7 +122,7 @@ class ImageGuard:
     """
 
     def __init__(self, config: str | GuardConfig | None = None, *, detector: BaseDetector | None = None, **overrides: Any) -> None:
-        self.config = _resolve_config(config)
+        self.config = resolve_config(config)
         if overrides:
             self.config = self.config.model_copy(
                 update={"detector": self.config.detector.model_validate({**self.config.detector.model_dump(), **overrides})}

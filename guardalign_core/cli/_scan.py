@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import GuardConfig, PolicyConfig, save_config
-from ..detector import _resolve_config, create_detector
+from ..config import resolve_config
+from ..detector import create_detector
 from ..results import ScanResult, Status
 
 
@@ -35,7 +36,7 @@ def add_detector_options(parser: argparse.ArgumentParser, clip_flag: str = "--mo
 
 def config_from_args(args: argparse.Namespace) -> GuardConfig:
     """Merge a config file or preset with the command-line overrides."""
-    config = _resolve_config(args.config)
+    config = resolve_config(args.config)
     overrides: dict[str, Any] = {}
     if args.detector:
         overrides["kind"] = args.detector

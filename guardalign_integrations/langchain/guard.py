@@ -36,9 +36,10 @@ from langchain_core.runnables.config import ensure_config, get_callback_manager_
 from langchain_core.tracers.schemas import Run
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from guardalign_core.config import GuardConfig, get_preset, load_config
+from guardalign_core.config import GuardConfig
 from guardalign_core.errors import GuardAlignViolation
 from guardalign_core._lru import BoundedLRU
+from guardalign_core.config import resolve_config
 from guardalign_core.guard import GuardDecision, ImageGuard
 from guardalign_core.results import Decision, ScanResult, Status
 
@@ -61,24 +62,13 @@ _REUSE_BYTES = 64 * 1024 * 1024
 
 
 def resolve_guard_config(spec: str | Path | GuardConfig | dict[str, Any] | None) -> GuardConfig:
-    """A :class:`GuardConfig` from a preset name, a YAML/JSON file, a dict or a config.
+    """A :class:`GuardConfig` from a preset name, a YAML/JSON file, a dict or a config (see core ``resolve_config``).
 
     Example:
         >>> resolve_guard_config("tiny-random").detector.model
         'guardalign-tiny-clip'
     """
-    if spec is None:
-        return GuardConfig()
-    if isinstance(spec, GuardConfig):
-        return spec
-    if isinstance(spec, dict):
-        return GuardConfig.model_validate(spec)
-    if isinstance(spec, (str, Path)):
-        path = Path(spec)
-        if path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
-            return load_config(path)
-        return get_preset(str(spec))
-    raise TypeError(f"config: expected a preset name, config file, dict or GuardConfig, got {type(spec).__name__}")
+    return resolve_config(spec)
 
 
 def coerce_guard(guard: Any = None, *, action: str | None = None, fail_open: bool | None = None) -> GuardAlignGuard:

@@ -59,6 +59,11 @@ class ImageLimits(BaseModel):
     allow_remote: bool = Field(False, description="Fetch http(s) URLs. Off by default: a guard should not make requests on a user's behalf.")
     allowed_hosts: tuple[str, ...] = Field((), description="Hosts that may be fetched when allow_remote is on; empty means none.")
     fetch_timeout_s: float = Field(10.0, gt=0, description="Timeout for one remote fetch, in seconds.")
+    allow_local_files: bool = Field(
+        False,
+        description="Read local files named in message content (paths, file:// URLs). Off by default: message "
+        "content is untrusted, and a guard must not read the server's files on its behalf.",
+    )
 
 
 def _sniff_non_image(data: bytes) -> str | None:
@@ -216,6 +221,49 @@ def read_image_bytes(source_obj: ImageSource, limits: ImageLimits | None = None,
     if len(text) < 4096 and not _BASE64_CHARS.match(text):
         raise InvalidImageSourceError("no such file, and not a data URL or base64 string", source=source)
     raise InvalidImageSourceError("not a path, data URL or valid base64 string", source=source)
+
+
+def read_content_bytes(source_obj: ImageSource, limits: ImageLimits | None = None, *, source: str | None = None) -> bytes:
+    """The encoded bytes of an image that came from *message content* (untrusted).
+
+    Like :func:`read_image_bytes`, but local files (paths, ``PathLike``, ``file://`` URLs)
+    are read only when ``limits.allow_local_files`` is on, and errors never say whether a
+    path exists. Every adapter turns content images into bytes through this function.
+
+    Raises:
+        ImageError: a subclass naming the problem (never the file system's state).
+    """
+    limits = limits or ImageLimits()
+    if isinstance(source_obj, (bytes, bytearray, memoryview)):
+        return bytes(source_obj)
+    if isinstance(source_obj, Image.Image):
+        raise InvalidImageSourceError("expected encoded image bytes, a data URL or base64, got a decoded PIL image", source=source)
+    if limits.allow_local_files:
+        return read_image_bytes(source_obj, limits, source=source)
+    refusal = (
+        "local file paths in message content are not read; send the image inline (base64 or a data URL), "
+        "or set ImageLimits(allow_local_files=True) if the content is trusted"
+    )
+    if isinstance(source_obj, os.PathLike):
+        raise InvalidImageSourceError(refusal, source=source)
+    if not isinstance(source_obj, str):
+        raise InvalidImageSourceError(f"expected bytes, a data URL, a URL or base64, got {type(source_obj).__name__}", source=source)
+    text = source_obj.strip()
+    if not text:
+        raise EmptyImageError("the image string is empty", source=source)
+    if text.startswith("data:"):
+        return decode_data_url(text, source=source)
+    scheme = urllib.parse.urlparse(text).scheme.lower()
+    if scheme in ("http", "https"):
+        return _fetch(text, limits, source)
+    if scheme == "file":
+        raise InvalidImageSourceError(refusal, source=source)
+    # Anything else is base64 or nothing: a string is never looked up on disk (a JPEG's
+    # base64 starts with "/9j/", so the two cannot be told apart by shape).
+    try:
+        return _b64decode(text, source=source)
+    except InvalidImageSourceError:
+        raise InvalidImageSourceError("not a data URL, an http(s) URL or valid base64 (" + refusal + ")", source=source) from None
 
 
 def _is_file(text: str) -> bool:

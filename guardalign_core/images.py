@@ -59,6 +59,13 @@ class ImageLimits(BaseModel):
     allow_remote: bool = Field(False, description="Fetch http(s) URLs. Off by default: a guard should not make requests on a user's behalf.")
     allowed_hosts: tuple[str, ...] = Field((), description="Hosts that may be fetched when allow_remote is on; empty means none.")
     fetch_timeout_s: float = Field(10.0, gt=0, description="Timeout for one remote fetch, in seconds.")
+    max_images: int = Field(20, ge=0, description="Most images accepted in one request (per-request budget).")
+    max_total_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Most encoded image bytes accepted in one request, all images together."
+    )
+    max_total_pixels: int = Field(
+        100_000_000, gt=0, description="Most decoded pixels (width×height) accepted in one request, all images together."
+    )
     allow_local_files: bool = Field(
         False,
         description="Read local files named in message content (paths, file:// URLs). Off by default: message "

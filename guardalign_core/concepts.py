@@ -123,6 +123,14 @@ class ConceptBank(BaseModel):
         text = resources.files("guardalign_core").joinpath("data/unsafe_concepts.yaml").read_text(encoding="utf-8")
         return cls.from_mapping(yaml.safe_load(text), source="unsafe_concepts.yaml")
 
+    @classmethod
+    def default_reference(cls) -> "ConceptBank":
+        """The benign reference bank shipped with the package (the ``contrast`` rule's other side)."""
+        import yaml
+
+        text = resources.files("guardalign_core").joinpath("data/reference_concepts.yaml").read_text(encoding="utf-8")
+        return cls.from_mapping(yaml.safe_load(text), source="reference_concepts.yaml")
+
     def extend(self, other: "ConceptBank") -> "ConceptBank":
         """Return a bank with ``other``'s categories added; a category of the same name is replaced."""
         replaced = {c.name: c for c in other.categories}

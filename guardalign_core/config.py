@@ -8,6 +8,7 @@ from YAML or JSON with :func:`load_config`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -28,9 +29,9 @@ class _Config(BaseModel):
 class SinkhornConfig(_Config):
     """Entropic OT solver settings (DESIGN §1A; reference values of the closest public code)."""
 
-    reg: float = Field(0.1, gt=0, description="Entropic regularisation ε. Keep ≳0.05× the cost spread in float32.")
+    reg: float = Field(0.1, gt=0, allow_inf_nan=False, description="Entropic regularisation ε. Keep ≳0.05× the cost spread in float32.")
     max_iter: int = Field(100, ge=1, le=100_000, description="Iteration budget per solve.")
-    tol: float = Field(1e-2, gt=0, description="Stop when the L1 violation of the patch marginal is under this.")
+    tol: float = Field(1e-2, gt=0, allow_inf_nan=False, description="Stop when the L1 violation of the patch marginal is under this.")
     check_every: int = Field(10, ge=1, description="Check convergence every this many iterations.")
     backend: Literal["torch", "pot"] = Field(
         "torch", description="'torch': one batched log-domain solve for a whole call; 'pot': POT's solver per problem (reference)."
@@ -52,7 +53,17 @@ class DetectorConfig(_Config):
     )
     grid_size: int = Field(3, ge=1, le=16, description="g in grid mode: the image is cut into g×g crops.")
     batch_size: int = Field(64, ge=1, description="Crops (or images) per CLIP forward pass.")
-    threshold: float = Field(0.42, description="τ of Eq. 10: patches with d_OT ≤ τ are unsafe. Depends on backbone, grid and bank: calibrate it.")
+    rule: Literal["contrast", "scaled", "paper"] = Field(
+        "contrast",
+        description="Decision rule (lower statistic = more unsafe; unsafe when ≤ threshold): 'contrast' (default): "
+        "P(safe) of the patch under CLIP zero-shot over the unsafe bank and the benign reference bank, from the OT "
+        "plans; 'scaled': Eq. 10 on the scale-free score (M/C)·d_OT; 'paper': Eq. 10 on raw d_OT, as printed.",
+    )
+    threshold: float | None = Field(
+        None,
+        description="τ of the rule: a patch is unsafe when its statistic ≤ τ. Null: the rule's default "
+        "(contrast 0.5, scaled 0.315, paper 0.42). Calibrate it with `guardalign calibrate`.",
+    )
     temperature: float = Field(0.5, gt=0, description="T of the entropy weights (Eq. 7).")
     entropy_weighting: Literal["printed", "text", "uniform"] = Field(
         "printed", description="Sign of the entropy weight: 'printed' exp(+h/T) (Eq. 7 as printed), 'text' exp(−h/T), or uniform marginals."
@@ -60,6 +71,9 @@ class DetectorConfig(_Config):
     sinkhorn: SinkhornConfig = Field(default_factory=SinkhornConfig)
     mask_mode: Literal["zero", "mean", "blur"] = Field("zero", description="How unsafe patches are masked: black (Eq. 11), CLIP mean colour, or Gaussian blur.")
     concepts: str | None = Field(None, description="Path to a YAML/JSON concept bank replacing the shipped one.")
+    reference_concepts: str | None = Field(
+        None, description="Path to a YAML/JSON bank of benign reference concepts replacing the shipped one (rule 'contrast')."
+    )
     extra_concepts: str | None = Field(None, description="Path to a YAML/JSON concept bank whose categories extend (or override) the base bank.")
     categories: list[str] | None = Field(None, description="Only use these categories (null: all).")
     exclude_categories: list[str] = Field(default_factory=list, description="Allow-list: categories never flagged (e.g. 'weapons' for a hunting forum).")
@@ -67,6 +81,22 @@ class DetectorConfig(_Config):
     cosine_threshold: float = Field(0.16, description="The cosine baseline flags an image when cos(image, prompt) ≥ this.")
     cache_dir: str | None = Field(None, description="Directory for cached text embeddings (null: ~/.cache/guardalign).")
     disk_cache: bool = Field(True, description="Cache concept-bank text embeddings on disk, keyed by backbone and bank contents.")
+
+    @field_validator("threshold", "cosine_threshold", "temperature")
+    @classmethod
+    def _check_finite(cls, value: float | None, info) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{info.field_name}: must be a finite number, got {value!r}")
+        return value
+
+    @property
+    def effective_threshold(self) -> float:
+        """The threshold in force: the configured one, or the rule's default (cosine: ``cosine_threshold``)."""
+        if self.kind == "cosine":
+            return self.cosine_threshold
+        from .rules import default_threshold
+
+        return default_threshold(self.rule) if self.threshold is None else self.threshold
 
     @field_validator("device")
     @classmethod
@@ -227,5 +257,5 @@ register_preset("cpu-tokens", GuardConfig(detector=DetectorConfig(model="ViT-B-1
 register_preset("eta-baseline", GuardConfig(detector=DetectorConfig(kind="cosine")))
 register_preset(
     "tiny-random",
-    GuardConfig(detector=DetectorConfig(model="guardalign-tiny-clip", pretrained=None, threshold=0.42)),
+    GuardConfig(detector=DetectorConfig(model="guardalign-tiny-clip", pretrained=None)),
 )

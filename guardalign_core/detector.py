@@ -23,7 +23,7 @@ from .encoders import ClipEncoder, get_clip_encoder
 from .errors import ImageError
 from .images import ImageLimits, ImageSource, load_image
 from .masking import Box, grid_boxes, mask_boxes
-from .ot import ot_patch_scores
+from .rules import STATISTICS, PatchDecisions, decide_patches
 from .results import Decision, PatchBox, ScanResult, Status
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,18 @@ class _Finding:
 
     grid: tuple[int, int]
     boxes: list[Box]
-    scores: torch.Tensor  # (M,)
+    statistic: torch.Tensor  # (M,) what the rule compares with the threshold (lower = more unsafe)
     unsafe: torch.Tensor  # (M,) bool
+    scores: torch.Tensor | None = None  # (M,) scale-free score, when it differs from the statistic
+    d_ot: torch.Tensor | None = None  # (M,) raw Eq. 9
+    safe_probability: torch.Tensor | None = None  # (M,)
     expected_costs: torch.Tensor | None = None  # (M, C)
     top_categories: list[str] = field(default_factory=list)
+    error: str | None = None  # the check could not run on this image (e.g. non-finite features)
+
+
+_MANY_PATCHES_FIRE = 0.5
+"""More than this fraction of an image's patches firing logs a warning (see OTDetector)."""
 
 
 def _label(image: Any, index: int) -> str:
@@ -58,6 +66,7 @@ class BaseDetector:
     """
 
     name: str = "base"
+    rule: str | None = None
 
     def __init__(
         self,
@@ -183,6 +192,8 @@ class BaseDetector:
         for i in range(len(images)):
             if i in errors:
                 results.append(self._error_result(offset + i, labels[i], errors[i], policy))
+            elif by_index[i].error is not None:
+                results.append(self._error_result(offset + i, labels[i], by_index[i].error, policy, image=decoded[i]))
             else:
                 results.append(self._result(offset + i, labels[i], decoded[i], by_index[i], policy, per_image))
         return results
@@ -195,18 +206,24 @@ class BaseDetector:
             "threshold": self.threshold,
             "backbone": self.config.backbone_id,
             "policy": policy.action,
+            "rule": self.rule,
         }
 
-    def _error_result(self, index: int, label: str, err: ImageError, policy: PolicyConfig) -> ScanResult:
+    def _error_result(
+        self, index: int, label: str, err: ImageError | str, policy: PolicyConfig, image: Image.Image | None = None
+    ) -> ScanResult:
         decision = Decision.ALLOW if policy.fail_open else Decision.BLOCK
         what = "forwarded unchecked (fail_open)" if policy.fail_open else "blocked (fail-closed)"
+        kind = type(err).__name__ if isinstance(err, Exception) else "non-finite scores"
         return ScanResult(
             **self._base_fields(index, label, policy),
             status=Status.ERROR,
             decision=decision,
             unsafe=False,
-            reason=f"image could not be checked ({type(err).__name__}); {what}",
+            reason=f"image could not be checked ({kind}); {what}",
             error=str(err),
+            image_size=image.size if image is not None else None,
+            masked_image=image if (policy.fail_open and image is not None) else None,
         )
 
     def _result(
@@ -217,7 +234,7 @@ class BaseDetector:
         boxes = [
             PatchBox(
                 x0=finding.boxes[m][0], y0=finding.boxes[m][1], x1=finding.boxes[m][2], y1=finding.boxes[m][3],
-                row=m // cols, col=m % cols, score=float(finding.scores[m]), category=finding.top_categories[m],
+                row=m // cols, col=m % cols, score=float(finding.statistic[m]), category=finding.top_categories[m],
             )
             for m in unsafe_idx
         ]
@@ -234,16 +251,23 @@ class BaseDetector:
             decision, output = Decision.FLAG, image
         timings = {**timings, "mask": timings.get("mask", 0.0) + (time.perf_counter() - t0) * 1000}
         costs = finding.expected_costs
+
+        def grid_of(values: torch.Tensor | None) -> list[list[float]] | None:
+            return values.reshape(rows, cols).tolist() if values is not None else None
+
         return ScanResult(
             **self._base_fields(index, label, policy),
             status=Status.OK,
             decision=decision,
             unsafe=unsafe,
-            score=self._summary_score(finding),
+            score=float(finding.statistic.min()),
             reason=self._reason(finding, boxes),
             image_size=image.size,
             grid=(rows, cols),
-            scores=finding.scores.reshape(rows, cols).tolist(),
+            scores=grid_of(finding.scores if finding.scores is not None else finding.statistic),
+            d_ot=grid_of(finding.d_ot),
+            safe_probability=grid_of(finding.safe_probability),
+            statistic=grid_of(finding.statistic) if finding.scores is not None else None,
             categories=self._category_names() if costs is not None else None,
             category_costs=costs.reshape(rows, cols, -1).tolist() if costs is not None else None,
             top_categories=[finding.top_categories[r * cols : (r + 1) * cols] for r in range(rows)],
@@ -258,9 +282,6 @@ class BaseDetector:
     def _category_names(self) -> list[str] | None:
         return None
 
-    def _summary_score(self, finding: _Finding) -> float:
-        raise NotImplementedError
-
     def _reason(self, finding: _Finding, boxes: list[PatchBox]) -> str:
         raise NotImplementedError
 
@@ -269,8 +290,10 @@ class OTDetector(BaseDetector):
     """GuardAlign's OT-enhanced unsafe-patch detector (DESIGN §1A, Eqs. 7–11).
 
     Patch features (g×g crops, or ViT tokens) are matched to the unsafe-concept bank by
-    per-category entropic OT; patches with d_OT ≤ τ are unsafe and, under the ``mask``
-    policy, zeroed.
+    per-category entropic OT, and :func:`~guardalign_core.rules.decide_patches` applies the
+    configured rule (default ``"contrast"``: the patch is closer, under CLIP's zero-shot
+    softmax, to an unsafe category than to the benign reference bank); unsafe patches are,
+    under the ``mask`` policy, zeroed (Eq. 11).
 
     Example:
         >>> detector = OTDetector(DetectorConfig(model="ViT-B-32", pretrained="openai"))  # doctest: +SKIP
@@ -280,36 +303,50 @@ class OTDetector(BaseDetector):
 
     name = "ot"
 
-    def __init__(self, config: DetectorConfig | None = None, *, bank: ConceptBank | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, config: DetectorConfig | None = None, *, bank: ConceptBank | None = None, reference: ConceptBank | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(config, **kwargs)
         c = self.config
         self.bank = bank or bank_from_config(c.concepts, c.extra_concepts, c.categories, c.exclude_categories)
         if bank is not None and (c.categories or c.exclude_categories):
             self.bank = bank.select(c.categories, c.exclude_categories)
+        if reference is None:
+            reference = ConceptBank.from_file(c.reference_concepts) if c.reference_concepts else ConceptBank.default_reference()
+        self.reference = reference
+
+    @property
+    def rule(self) -> str:  # type: ignore[override]
+        return self.config.rule
 
     @property
     def threshold(self) -> float:
-        return self.config.threshold
+        return self.config.effective_threshold
 
     def _category_names(self) -> list[str]:
         return self.bank.names
 
-    def concept_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bank's text embeddings, padded: ((C, N, D) unit vectors, (C, N) bool mask). Cached."""
-        texts = [v for cat in self.bank.categories for v in cat.variants]
+    def _bank_embeddings(self, bank: ConceptBank) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [v for cat in bank.categories for v in cat.variants]
         cache_dir = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else Path.home() / ".cache" / "guardalign"
-        flat = self.encoder.cached_text_embeddings(
-            f"bank:{self.bank.fingerprint()}", texts, cache_dir if self.config.disk_cache else None
-        )
-        n_cat, n_var = len(self.bank.categories), self.bank.max_variants
+        flat = self.encoder.cached_text_embeddings(f"bank:{bank.fingerprint()}", texts, cache_dir if self.config.disk_cache else None)
+        n_cat, n_var = len(bank.categories), bank.max_variants
         concepts = torch.zeros(n_cat, n_var, flat.shape[-1])
         mask = torch.zeros(n_cat, n_var, dtype=torch.bool)
         offset = 0
-        for i, cat in enumerate(self.bank.categories):
+        for i, cat in enumerate(bank.categories):
             k = len(cat.variants)
             concepts[i, :k], mask[i, :k] = flat[offset : offset + k], True
             offset += k
         return concepts, mask
+
+    def concept_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unsafe bank's text embeddings, padded: ((C, N, D) unit vectors, (C, N) bool mask). Cached."""
+        return self._bank_embeddings(self.bank)
+
+    def reference_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The benign reference bank's embeddings, padded: ((K, N', D), (K, N') mask). Cached."""
+        return self._bank_embeddings(self.reference)
 
     def patch_features(self, images: list[Image.Image]) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, M, D) normalised patch features and the (rows, cols) patch grid."""
@@ -323,16 +360,23 @@ class OTDetector(BaseDetector):
         tokens, _ = enc.encode_tokens(whole, c.batch_size)  # (B, rows·cols, D)
         return tokens, grid
 
-    def _score(self, images: list[Image.Image]) -> tuple[list[_Finding], dict[str, float]]:
+    def decide(self, features: torch.Tensor) -> PatchDecisions:
+        """The decision stage on (B, M, D) patch features, exactly as :meth:`scan` runs it."""
         c = self.config
-        t0 = time.perf_counter()
-        feats, (rows, cols) = self.patch_features(images)
-        t1 = time.perf_counter()
+        device = self.encoder.device
         concepts, variant_mask = self.concept_embeddings()
-        ot = ot_patch_scores(
-            feats.to(self.encoder.device),
-            concepts.to(self.encoder.device),
-            variant_mask.to(self.encoder.device),
+        reference = reference_mask = None
+        if c.rule == "contrast":
+            reference, reference_mask = self.reference_embeddings()
+            reference, reference_mask = reference.to(device), reference_mask.to(device)
+        return decide_patches(
+            features.to(device),
+            concepts.to(device),
+            variant_mask.to(device),
+            rule=c.rule,
+            threshold=c.threshold,
+            reference=reference,
+            reference_mask=reference_mask,
             logit_scale=self.encoder.logit_scale,
             temperature=c.temperature,
             weighting=c.entropy_weighting,
@@ -342,27 +386,48 @@ class OTDetector(BaseDetector):
             check_every=c.sinkhorn.check_every,
             backend=c.sinkhorn.backend,
         )
-        scores, costs = ot.scores.cpu(), ot.expected_costs.cpu()
-        unsafe = scores <= c.threshold  # Eq. 10
+
+    def _score(self, images: list[Image.Image]) -> tuple[list[_Finding], dict[str, float]]:
+        t0 = time.perf_counter()
+        feats, (rows, cols) = self.patch_features(images)
+        t1 = time.perf_counter()
+        out = self.decide(feats)
         t2 = time.perf_counter()
+        cpu = {name: getattr(out, name).cpu() if getattr(out, name) is not None else None
+               for name in ("statistic", "unsafe", "scores", "d_ot", "safe_probability", "expected_costs", "finite")}
         names = self.bank.names
         findings = []
         for b, image in enumerate(images):
-            top = [names[k] for k in costs[b].argmin(-1).tolist()]
+            if not bool(cpu["finite"][b]):
+                findings.append(_Finding((rows, cols), [], cpu["statistic"][b], cpu["unsafe"][b],
+                                         error="the backbone produced non-finite features or scores for this image"))
+                continue
+            top = [names[k] for k in cpu["expected_costs"][b].argmin(-1).tolist()]
+            p_safe = cpu["safe_probability"]
             findings.append(
-                _Finding((rows, cols), grid_boxes(*image.size, rows, cols), scores[b], unsafe[b], costs[b], top)
+                _Finding(
+                    (rows, cols), grid_boxes(*image.size, rows, cols), cpu["statistic"][b], cpu["unsafe"][b],
+                    scores=cpu["scores"][b], d_ot=cpu["d_ot"][b],
+                    safe_probability=p_safe[b] if p_safe is not None else None,
+                    expected_costs=cpu["expected_costs"][b], top_categories=top,
+                )
             )
+            fired = int(cpu["unsafe"][b].sum())
+            if fired > _MANY_PATCHES_FIRE * rows * cols:
+                logger.warning(
+                    "%d of %d patches of one image fired (rule %s, threshold %g): unless the image is unsafe as a whole, "
+                    "the threshold probably does not fit this backbone, grid and bank; run `guardalign calibrate`",
+                    fired, rows * cols, self.rule, self.threshold,
+                )
         return findings, {"encode": (t1 - t0) * 1000, "ot": (t2 - t1) * 1000}
 
-    def _summary_score(self, finding: _Finding) -> float:
-        return float(finding.scores.min())
-
     def _reason(self, finding: _Finding, boxes: list[PatchBox]) -> str:
-        total = finding.scores.numel()
+        total = finding.statistic.numel()
+        what = STATISTICS[self.rule]
         if not boxes:
-            return f"no patch at or under τ={self.threshold:g} (lowest d_OT {float(finding.scores.min()):.4f}, {total} patches)"
+            return f"no patch at or under τ={self.threshold:g} (rule {self.rule}: lowest {what} {float(finding.statistic.min()):.4f}, {total} patches)"
         cats = sorted({b.category for b in boxes}, key=lambda n: [b.category for b in boxes].count(n), reverse=True)
-        return f"{len(boxes)} of {total} patches at or under τ={self.threshold:g}; closest categories: {', '.join(cats)}"
+        return f"{len(boxes)} of {total} patches at or under τ={self.threshold:g} (rule {self.rule}); closest categories: {', '.join(cats)}"
 
 
 class CosineDetector(BaseDetector):
@@ -387,16 +452,15 @@ class CosineDetector(BaseDetector):
         cos = (feats @ prompt[0]).cpu()  # (B,)
         t2 = time.perf_counter()
         findings = [
-            _Finding((1, 1), [(0, 0, *image.size)], cos[b : b + 1], cos[b : b + 1] >= self.threshold, None, ["unsafe"])
+            _Finding((1, 1), [(0, 0, *image.size)], cos[b : b + 1], cos[b : b + 1] >= self.threshold, top_categories=["unsafe"])
+            if bool(torch.isfinite(cos[b]))
+            else _Finding((1, 1), [], cos[b : b + 1], torch.zeros(1, dtype=torch.bool), error="the backbone produced a non-finite feature for this image")
             for b, image in enumerate(images)
         ]
         return findings, {"encode": (t1 - t0) * 1000, "ot": (t2 - t1) * 1000}
 
-    def _summary_score(self, finding: _Finding) -> float:
-        return float(finding.scores[0])
-
     def _reason(self, finding: _Finding, boxes: list[PatchBox]) -> str:
-        cos = float(finding.scores[0])
+        cos = float(finding.statistic[0])
         relation = "≥" if boxes else "<"
         return f"global cosine to the unsafe prompt {cos:.4f} {relation} {self.threshold:g}"
 

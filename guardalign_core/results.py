@@ -36,7 +36,7 @@ class PatchBox(BaseModel):
     y1: int
     row: int = Field(description="Row of the patch in the patch grid.")
     col: int = Field(description="Column of the patch in the patch grid.")
-    score: float = Field(description="d_OT of the patch (Eq. 9); lower is closer to unsafe semantics.")
+    score: float = Field(description="The rule's statistic for this patch (see ScanResult.rule); lower is closer to unsafe semantics.")
     category: str = Field(description="The unsafe category this patch is closest to (lowest expected cost E_i).")
 
 
@@ -56,16 +56,28 @@ class ScanResult(BaseModel):
     source: str | None = Field(None, description="A short label of the input (file name), never its content.")
     status: Status
     decision: Decision
-    unsafe: bool = Field(description="True if at least one patch score is at or under the threshold (Eq. 10).")
-    score: float | None = Field(None, description="Lowest patch score (OT) or the global cosine (cosine baseline).")
+    unsafe: bool = Field(description="True if at least one patch's statistic is at or under the threshold (Eq. 10).")
+    score: float | None = Field(
+        None, description="Lowest patch statistic of the rule (OT; compared with threshold) or the global cosine (cosine baseline)."
+    )
     reason: str = Field(description="What was found, without echoing the input.")
     detector: str = Field(description="'ot' or 'cosine'.")
-    threshold: float
+    threshold: float = Field(description="The threshold in force (the rule's default when none was configured).")
+    rule: str | None = Field(None, description="OT decision rule: 'contrast', 'scaled' or 'paper' (None: cosine baseline).")
     backbone: str = Field(description="The CLIP backbone identity, e.g. 'ViT-B-32/openai'.")
     policy: str = Field(description="The action applied to unsafe inputs: mask, block or flag.")
     image_size: tuple[int, int] | None = Field(None, description="(width, height) of the decoded input.")
     grid: tuple[int, int] | None = Field(None, description="(rows, cols) of the patch grid.")
-    scores: list[list[float]] | None = None
+    scores: list[list[float]] | None = Field(
+        None, description="(rows, cols) scale-free OT score (M/C)·d_OT(m) per patch (cosine baseline: the cosine)."
+    )
+    d_ot: list[list[float]] | None = Field(None, description="(rows, cols) raw d_OT(m) of Eq. 9.")
+    safe_probability: list[list[float]] | None = Field(
+        None, description="(rows, cols) P(safe) per patch (rule 'contrast'): zero-shot over the unsafe and reference banks."
+    )
+    statistic: list[list[float]] | None = Field(
+        None, description="(rows, cols) what the rule compared with the threshold, when it is not `scores` (contrast: P(safe); paper: d_OT)."
+    )
     categories: list[str] | None = Field(None, description="Category names, in the order of category_costs.")
     category_costs: list[list[list[float]]] | None = Field(None, description="(rows, cols, categories) expected costs E_i(m).")
     top_categories: list[list[str]] | None = Field(None, description="(rows, cols) closest category per patch.")
@@ -92,6 +104,7 @@ class ScanResult(BaseModel):
             "unsafe": self.unsafe,
             "score": self.score,
             "threshold": self.threshold,
+            "rule": self.rule,
             "detector": self.detector,
             "policy": self.policy,
             "categories": self.fired_categories,

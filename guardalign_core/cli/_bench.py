@@ -15,6 +15,8 @@ def _default_images() -> list[str]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.detection:
+        return run_detection_bench(args)
     from ..bench import bench_detector
     from ..thresholds import list_images
 
@@ -53,6 +55,41 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+_WORLD_FLAGS = ("seed", "patches", "categories", "variants", "unrelated_cos", "matching_cos", "sigma_cat", "dim", "references")
+
+
+def run_detection_bench(args: argparse.Namespace) -> int:
+    """``guardalign bench --detection``: the synthetic detection benchmark (simulation, no weights)."""
+    from ..config import resolve_config
+    from ..simulation import run_detection_benchmark, world_for
+
+    config = resolve_config(args.preset).detector
+    if config.kind != "ot":
+        raise ValueError(f"--preset {args.preset}: the detection benchmark runs the OT decision rule; this preset is kind {config.kind!r}")
+    overrides = {"rule": args.rule} if args.rule else {}
+    if args.threshold is not None:
+        overrides["threshold"] = args.threshold
+    if overrides:
+        config = config.model_validate({**config.model_dump(), **overrides})
+    values = {k: getattr(args, k) for k in _WORLD_FLAGS if getattr(args, k) is not None}
+    if args.images:  # with --detection, --images is the number of images per group
+        if len(args.images) != 1 or not args.images[0].isdigit():
+            raise ValueError("--images: with --detection, give the number of synthetic images per group (e.g. --images 200)")
+        values["images"] = int(args.images[0])
+    world = world_for(config, **values)  # the preset's M, C and dimension unless a flag says otherwise
+    report = run_detection_benchmark(world, config)
+    if args.json:
+        sys.stdout.write(json.dumps(report.model_dump(include={"fpr", "tpr", "auc", "rule", "patches"})) + "\n")
+        return 0
+    sys.stdout.write(
+        f"simulation (synthetic embeddings, not real images): rule {report.rule}, τ={report.threshold:g}, "
+        f"M={report.patches}, C={report.categories}, σ_cat={report.sigma_cat:g}, {world.images} images per group\n"
+        f"benign FPR {report.fpr:.3f}\n"
+        + "".join(f"planted {k:>3}: TPR {report.tpr[k]:.3f}  AUC {report.auc[k]:.3f}\n" for k in ("1", "3", "all"))
+    )
+    return 0
+
+
 def _bench_calibration(args: argparse.Namespace) -> dict:
     from ..bench import bench_calibration
     from ..testing.tiny_lvlm import build_bench_lvlm
@@ -80,7 +117,7 @@ _EXTRA: dict = {"calibration": _bench_calibration, "langchain": _bench_langchain
 
 def register(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="time the detector stages side by side", description="Time decoding, encoding, the OT stage and masking (OT detector vs cosine baseline) in one run.")
-    bench.add_argument("--images", nargs="+", metavar="PATH", help="images or folders (default: ../shared/data if present, else random images)")
+    bench.add_argument("--images", nargs="+", metavar="PATH", help="images or folders (default: ../shared/data if present, else random images); with --detection: images per group (default 200)")
     bench.add_argument("--model", default="ViT-B-32", help="open_clip model config (default ViT-B-32)")
     bench.add_argument("--pretrained", default=None, help="weights tag/path; default random (speed does not depend on weights)")
     bench.add_argument("--device", default="cpu")
@@ -90,4 +127,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--single", type=int, default=8, help="images timed one at a time (default 8)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.add_argument("--extra", nargs="*", choices=sorted(_EXTRA), help="extra sections: calibration (LVLM decode speed, calibration off/SDPA/eager), langchain, llamaindex")
+    detection = bench.add_argument_group("synthetic detection benchmark (--detection; a simulation: no images, no weights)")
+    detection.add_argument("--detection", action="store_true", help="measure the decision rule's FPR/TPR/AUC in a synthetic embedding world")
+    detection.add_argument("--preset", default="default", help="detector preset or config file whose rule and OT settings are used (default: default)")
+    detection.add_argument("--rule", choices=["contrast", "scaled", "paper"], help="override the preset's decision rule")
+    detection.add_argument("--threshold", type=float, help="override the rule's threshold")
+    detection.add_argument("--seed", type=int, help="random seed (default 0)")
+    detection.add_argument("--patches", type=int, help="M, patches per image (default: the preset's)")
+    detection.add_argument("--categories", type=int, help="C, unsafe categories (default: the preset's bank)")
+    detection.add_argument("--variants", type=int, help="N, variants per category (default 5)")
+    detection.add_argument("--references", type=int, help="K, benign reference concepts (default 36)")
+    detection.add_argument("--dim", type=int, help="embedding dimension (default: the preset's backbone)")
+    detection.add_argument("--unrelated-cos", type=float, help="cosine to a concept a patch does not show (default 0.15)")
+    detection.add_argument("--matching-cos", type=float, help="cosine to the concept a patch shows (default 0.30)")
+    detection.add_argument("--sigma-cat", type=float, help="spread of the cosine across categories (default 0.01)")
     bench.set_defaults(func=run_bench)

@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The error as one line: a pydantic error names each field and what was wrong with it."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``guardalign`` script."""
     parser = build_parser()
@@ -50,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GuardAlignError, ValueError, TypeError, OSError) as err:
         if args.debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = _one_line(err)
         sys.stderr.write(f"guardalign {args.command}: error: {message}\n")
         return 2
     except KeyboardInterrupt:

@@ -56,8 +56,10 @@ def test_cosine_baseline_shares_the_interface(config):
     assert results[0].unsafe_boxes[0].x1 == results[0].image_size[0]
 
 
-def test_planted_patch_is_the_only_one_flagged_and_masked_exactly(config, monkeypatch):
-    """Embedding-level planted test (DESIGN §1A, default weighting)."""
+@pytest.mark.parametrize("rule", ["contrast", "paper"])
+def test_planted_patch_is_the_only_one_flagged_and_masked_exactly(config, monkeypatch, rule):
+    """Embedding-level planted test (DESIGN §1A, default weighting), on the rule's statistic."""
+    config = config.model_copy(update={"rule": rule})
     detector = OTDetector(config)
     concepts, _ = detector.concept_embeddings()
     g = torch.Generator().manual_seed(1)
@@ -66,8 +68,8 @@ def test_planted_patch_is_the_only_one_flagged_and_masked_exactly(config, monkey
     monkeypatch.setattr(detector, "patch_features", lambda images: (patches.expand(len(images), -1, -1), (3, 3)))
     image = Image.fromarray(np.random.default_rng(0).integers(1, 255, (90, 120, 3), dtype=np.uint8))
     probe = detector.scan_one(image)
-    scores = sorted(s for row in probe.scores for s in row)
-    assert probe.scores[1][2] == scores[0]
+    scores = sorted(s for row in probe.statistic for s in row)
+    assert probe.statistic[1][2] == scores[0]
     detector = OTDetector(config.model_copy(update={"threshold": (scores[0] + scores[1]) / 2}))
     monkeypatch.setattr(detector, "patch_features", lambda images: (patches.expand(len(images), -1, -1), (3, 3)))
     result = detector.scan_one(image)

@@ -326,7 +326,7 @@ def test_black_box_masks_prompts_and_marks_calibration_prompt_only(guard, tmp_pa
     figstep = shared_data("figstep-tiny")
     image = str(figstep / "query_ForbidQI_1_1_6.png")
     # τ at the median patch score: some patches masked, some kept, so the comparison means something.
-    scores = np.asarray(create_detector(guard, policy=PolicyConfig(action="flag")).scan([image])[0].scores)
+    scores = np.asarray(create_detector(guard, policy=PolicyConfig(action="flag")).scan([image])[0].statistic)
     config = guard.model_copy(update={"detector": guard.detector.model_copy(update={"threshold": float(np.median(scores))})})
     chat = StubChat()
     target = ChatModelTarget(chat)

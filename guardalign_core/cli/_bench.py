@@ -55,7 +55,7 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_WORLD_FLAGS = ("seed", "patches", "categories", "variants", "unrelated_cos", "matching_cos", "sigma_cat", "dim", "references")
+_WORLD_FLAGS = ("seed", "patches", "categories", "variants", "unrelated_cos", "matching_cos", "sigma_cat", "dim", "references", "reference_match_cos")
 
 
 def run_detection_bench(args: argparse.Namespace) -> int:
@@ -140,5 +140,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     detection.add_argument("--dim", type=int, help="embedding dimension (default: the preset's backbone)")
     detection.add_argument("--unrelated-cos", type=float, help="cosine to a concept a patch does not show (default 0.15)")
     detection.add_argument("--matching-cos", type=float, help="cosine to the concept a patch shows (default 0.30)")
+    detection.add_argument("--reference-cos", dest="reference_match_cos", type=float, help="cosine of a benign patch to the reference concept it shows (default: --matching-cos)")
     detection.add_argument("--sigma-cat", type=float, help="spread of the cosine across categories (default 0.01)")
     bench.set_defaults(func=run_bench)

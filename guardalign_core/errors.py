@@ -37,8 +37,36 @@ class ImageTooLargeError(ImageError):
     """The image is over the configured byte or pixel limit (decompression-bomb guard)."""
 
 
+class ImageAspectRatioError(ImageTooLargeError):
+    """The image's long side is too many times its short side (``ImageLimits.max_aspect_ratio``).
+
+    A subclass of :class:`ImageTooLargeError` because it guards the same thing: a legal pixel
+    count in an extreme shape (1×500,000) costs seconds and gigabytes in every resize after it.
+    """
+
+
+class RequestBudgetError(ImageError):
+    """One request holds more images, bytes or pixels than its per-request budget allows.
+
+    Attributes:
+        budget: the ``ImageLimits`` field that was exceeded (``"max_images"``,
+            ``"max_total_bytes"`` or ``"max_total_pixels"``).
+    """
+
+    def __init__(self, message: str, *, budget: str, source: str | None = None) -> None:
+        self.budget = budget
+        super().__init__(message, source=source)
+
+
 class InvalidImageSourceError(ImageError):
     """The input is not a path, bytes, base64 string, data URL or PIL image, or is malformed."""
+
+
+class LocalFileRefusedError(InvalidImageSourceError):
+    """Message content named a local file, and local files are not read (or this one cannot be).
+
+    The message is the same whether or not the file exists, whatever its size or content.
+    """
 
 
 class RemoteImageError(ImageError):

@@ -1,11 +1,13 @@
 """The only place where bytes become pixels.
 
-Every image that reaches a detector or a model passes through :func:`load_image`: paths,
-raw bytes, base64 strings, ``data:`` URLs and PIL images come out as a checked RGB
-``PIL.Image`` (EXIF orientation applied, every mode converted), or a specific
-:class:`~guardalign_core.errors.ImageError` says what was wrong. Remote ``http(s)`` URLs are
-fetched only when :class:`ImageLimits` allows it, with a timeout, a size cap and a host
-allow-list.
+Every image that reaches a detector or a model passes through here: paths, raw bytes, base64
+strings, ``data:`` URLs and PIL images come out as checked RGB pixels (EXIF orientation
+applied, every mode converted), or a specific :class:`~guardalign_core.errors.ImageError`
+says what was wrong. Message content is read with :func:`read_content_bytes` (no local files
+unless allowed, remote URLs only from allow-listed hosts), decoded with :func:`decode_image`
+(which also says whether the original bytes may be forwarded), and what is forwarded is
+encoded by :func:`~guardalign_core.forwarding.encode_for_forwarding`. Sizes are checked
+before anything is allocated for them: base64 from its text length, images from their header.
 """
 
 from __future__ import annotations
@@ -15,157 +17,112 @@ import binascii
 import io
 import os
 import re
+import stat
 import urllib.parse
-import urllib.request
-import warnings
 from pathlib import Path
 from typing import Union
 
-from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from PIL import Image
 
+from ._decode import RASTER_FORMATS, DecodedImage, check_shape, decode_image, looks_like_raster, sniff_non_image, to_rgb
+from ._fetch import fetch_url
+from ._limits import ImageLimits
+from .budget import RequestBudget
 from .errors import (
     CorruptImageError,
     EmptyImageError,
     ImageTooLargeError,
     InvalidImageSourceError,
-    RemoteImageError,
+    LocalFileRefusedError,
     UnsupportedImageFormatError,
 )
+from .forwarding import EncodedImage, encode_for_forwarding, prepare_forwarding, sniff_image_mime
+
+__all__ = [
+    "DecodedImage",
+    "EncodedImage",
+    "ImageLimits",
+    "ImageSource",
+    "RequestBudget",
+    "decode_data_url",
+    "decode_image",
+    "encode_for_forwarding",
+    "encode_png",
+    "load_image",
+    "prepare_forwarding",
+    "read_content_bytes",
+    "read_image_bytes",
+    "sniff_image_mime",
+    "to_base64_png",
+    "to_rgb",
+]
 
 ImageSource = Union[str, bytes, bytearray, memoryview, os.PathLike, Image.Image]
 """Anything :func:`load_image` accepts."""
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.+-]+)*)(?P<b64>;base64)?$", re.S)
 _BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
-_RASTER_FORMATS = {"PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO", "MPO", "TGA"}
-_RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-_NON_IMAGE_SNIFFS = (
-    (b"%PDF", "PDF document"),
-    (b"<svg", "SVG (vector) image"),
-    (b"<?xml", "XML/SVG document"),
-    (b"<!DOCTYPE", "HTML/XML document"),
-    (b"<html", "HTML document"),
+_WHITESPACE = " \t\r\n\v\f"
+_LOCAL_REFUSAL = (
+    "local file paths in message content are not read; send the image inline (base64 or a data URL), "
+    "or set ImageLimits(allow_local_files=True) if the content is trusted"
 )
+_LOCAL_UNUSABLE = "this local file cannot be used as an image (it is not readable, not a regular file, too large or not an image)"
 
 
-class ImageLimits(BaseModel):
-    """Limits and remote-fetch rules applied to every decoded image."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest encoded input accepted, in bytes.")
-    max_pixels: int = Field(40_000_000, gt=0, description="Largest width×height accepted (decompression-bomb guard).")
-    allow_remote: bool = Field(False, description="Fetch http(s) URLs. Off by default: a guard should not make requests on a user's behalf.")
-    allowed_hosts: tuple[str, ...] = Field((), description="Hosts that may be fetched when allow_remote is on; empty means none.")
-    fetch_timeout_s: float = Field(10.0, gt=0, description="Timeout for one remote fetch, in seconds.")
-    max_images: int = Field(20, ge=0, description="Most images accepted in one request (per-request budget).")
-    max_total_bytes: int = Field(
-        64 * 1024 * 1024, gt=0, description="Most encoded image bytes accepted in one request, all images together."
-    )
-    max_total_pixels: int = Field(
-        100_000_000, gt=0, description="Most decoded pixels (width×height) accepted in one request, all images together."
-    )
-    allow_local_files: bool = Field(
-        False,
-        description="Read local files named in message content (paths, file:// URLs). Off by default: message "
-        "content is untrusted, and a guard must not read the server's files on its behalf.",
-    )
-
-
-def _sniff_non_image(data: bytes) -> str | None:
-    head = data[:512].lstrip().lower()
-    for magic, name in _NON_IMAGE_SNIFFS:
-        if head.startswith(magic.lower()):
-            return name
-    if b"<svg" in head:
-        return "SVG (vector) image"
-    return None
-
-
-def _decode_bytes(data: bytes, limits: ImageLimits, source: str | None) -> Image.Image:
-    if len(data) == 0:
-        raise EmptyImageError("the image holds no bytes", source=source)
-    if len(data) > limits.max_bytes:
+def _check_encoded_size(nbytes: int, limits: ImageLimits, source: str | None) -> None:
+    if nbytes > limits.max_bytes:
         raise ImageTooLargeError(
-            f"{len(data)} bytes is over the limit of {limits.max_bytes}; raise ImageLimits.max_bytes to accept it",
-            source=source,
-        )
-    kind = _sniff_non_image(data)
-    if kind is not None:
-        raise UnsupportedImageFormatError(f"{kind} is not a raster image; convert it to PNG or JPEG first", source=source)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            _check_pixels(image.size, limits, source)
-            if image.format not in _RASTER_FORMATS:
-                raise UnsupportedImageFormatError(f"format {image.format!r} is not accepted", source=source)
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageTooLargeError(f"decompression bomb refused ({err})", source=source) from None
-    except UnidentifiedImageError:
-        if data.startswith(_RASTER_MAGIC):
-            raise CorruptImageError("the image header is valid but its data cannot be decoded (truncated or damaged)", source=source) from None
-        raise UnsupportedImageFormatError(
-            "the bytes are not an image format Pillow recognises (is it text, SVG or PDF?)", source=source
-        ) from None
-    except (OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, (ImageTooLargeError, UnsupportedImageFormatError)):
-            raise
-        raise CorruptImageError(f"the image is truncated or damaged ({err})", source=source) from None
-    return to_rgb(image)
-
-
-def _check_pixels(size: tuple[int, int], limits: ImageLimits, source: str | None) -> None:
-    width, height = size
-    if width <= 0 or height <= 0:
-        raise CorruptImageError(f"the image has an empty size {width}x{height}", source=source)
-    if width * height > limits.max_pixels:
-        raise ImageTooLargeError(
-            f"{width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}; "
-            "raise ImageLimits.max_pixels to accept it",
+            f"{nbytes} bytes is over the limit of {limits.max_bytes}; raise ImageLimits.max_bytes to accept it",
             source=source,
         )
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Return an 8-bit RGB copy with EXIF orientation applied.
+def _check_base64_length(text: str, limits: ImageLimits, source: str | None) -> None:
+    """Refuse base64 whose decoded size would exceed ``max_bytes``, before decoding (or copying) it."""
+    longest = 4 * ((limits.max_bytes + 2) // 3)  # base64 characters that decode to max_bytes
+    if len(text) <= longest:
+        return
+    if len(text) <= 2 * longest:  # MIME-style line breaks add ~3%; count them without copying
+        payload = len(text) - sum(text.count(c) for c in _WHITESPACE)
+        if payload <= longest:
+            return
+    raise ImageTooLargeError(
+        f"the base64 text decodes to more than {limits.max_bytes} bytes; raise ImageLimits.max_bytes to accept it",
+        source=source,
+    )
 
-    Palette and LA/RGBA images are composited on white (a transparent pixel is not black);
-    16-bit and float greyscale are rescaled to 8 bits; CMYK and YCbCr are converted.
+
+def decode_data_url(url: str, *, source: str | None = None, limits: ImageLimits | None = None) -> bytes:
+    """Return the bytes of a ``data:`` URL, refusing an oversized payload before decoding it.
+
+    Raises:
+        InvalidImageSourceError: malformed URL or payload.
+        UnsupportedImageFormatError: a MIME type other than ``image/*``.
+        ImageTooLargeError: the payload decodes to more than ``limits.max_bytes``.
     """
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        scaled = (array - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(array)
-        image = Image.fromarray(scaled.round().astype("uint8"), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        return background
-    return image.convert("RGB") if image.mode != "RGB" else image.copy()
-
-
-def decode_data_url(url: str, *, source: str | None = None) -> bytes:
-    """Return the bytes of a ``data:`` URL, or raise :class:`InvalidImageSourceError`."""
-    match = _DATA_URL.match(url.strip())
+    limits = limits or ImageLimits()
+    comma = url.find(",", 0, 512)
+    header = url[:comma].strip() if comma >= 0 else ""
+    match = _DATA_URL.match(header) if comma >= 0 else None
     if not match:
         raise InvalidImageSourceError("malformed data URL (expected 'data:<mime>;base64,<data>')", source=source)
-    if match.group("mime") and not match.group("mime").startswith("image/"):
-        raise UnsupportedImageFormatError(f"data URL has MIME type {match.group('mime')!r}, not image/*", source=source)
-    payload = match.group("data")
+    if match.group("mime") and not match.group("mime").lower().startswith("image/"):
+        raise UnsupportedImageFormatError(f"data URL has MIME type {match.group('mime')[:40]!r}, not image/*", source=source)
+    payload_length = len(url) - comma - 1
     if match.group("b64"):
-        return _b64decode(payload, source=source)
-    return urllib.parse.unquote_to_bytes(payload)
+        if payload_length > 2 * 4 * ((limits.max_bytes + 2) // 3):
+            _check_base64_length(url, limits, source)  # raises: too long even allowing for whitespace
+        return _b64decode(url[comma + 1 :], source=source, limits=limits)
+    if payload_length > 3 * limits.max_bytes:  # percent-encoding: at most 3 characters per byte
+        _check_encoded_size(payload_length // 3, limits, source)
+    data = urllib.parse.unquote_to_bytes(url[comma + 1 :])
+    _check_encoded_size(len(data), limits, source)
+    return data
 
 
-def _b64decode(text: str, *, source: str | None) -> bytes:
+def _b64decode(text: str, *, source: str | None, limits: ImageLimits | None = None) -> bytes:
+    _check_base64_length(text, limits or ImageLimits(), source)
     try:  # the common case, strictly valid standard base64, without a regex pass over the payload
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -181,29 +138,23 @@ def _b64decode(text: str, *, source: str | None) -> bytes:
         raise InvalidImageSourceError("not valid base64", source=source) from None
 
 
-def _fetch(url: str, limits: ImageLimits, source: str | None) -> bytes:
-    host = urllib.parse.urlparse(url).hostname or ""
-    if not limits.allow_remote:
-        raise RemoteImageError(
-            "remote URLs are not fetched; set ImageLimits(allow_remote=True, allowed_hosts=(...)) "
-            "or pass the image bytes",
-            source=source,
-        )
-    if host not in limits.allowed_hosts:
-        raise RemoteImageError(f"host {host!r} is not in ImageLimits.allowed_hosts", source=source)
-    try:
-        with urllib.request.urlopen(url, timeout=limits.fetch_timeout_s) as response:  # noqa: S310 (host allow-listed)
-            data = response.read(limits.max_bytes + 1)
-    except OSError as err:
-        raise RemoteImageError(f"fetch failed ({err})", source=source) from None
-    return data
+def _inline_bytes(source_obj: bytes | bytearray | memoryview, limits: ImageLimits, source: str | None) -> bytes:
+    _check_encoded_size(len(source_obj), limits, source)  # before copying a bytearray/memoryview
+    return bytes(source_obj)
 
 
 def read_image_bytes(source_obj: ImageSource, limits: ImageLimits | None = None, *, source: str | None = None) -> bytes:
-    """Return the encoded bytes behind a path, URL, base64 string or bytes (not PIL)."""
+    """Return the encoded bytes behind a path, URL, base64 string or bytes (not PIL).
+
+    For inputs the *caller* chose (a developer's own paths): strings that name an existing
+    file are read. Message content goes through :func:`read_content_bytes` instead.
+
+    Raises:
+        ImageError: a subclass naming the problem; file errors never name the path or its size.
+    """
     limits = limits or ImageLimits()
     if isinstance(source_obj, (bytes, bytearray, memoryview)):
-        return bytes(source_obj)
+        return _inline_bytes(source_obj, limits, source)
     if isinstance(source_obj, os.PathLike):
         return _read_path(Path(source_obj), limits, source)
     if not isinstance(source_obj, str):
@@ -215,16 +166,16 @@ def read_image_bytes(source_obj: ImageSource, limits: ImageLimits | None = None,
     if not text:
         raise EmptyImageError("the image string is empty", source=source)
     if text.startswith("data:"):
-        return decode_data_url(text, source=source)
-    scheme = urllib.parse.urlparse(text).scheme.lower()
+        return decode_data_url(text, source=source, limits=limits)
+    scheme = urllib.parse.urlparse(text[:2048]).scheme.lower()
     if scheme in ("http", "https"):
-        return _fetch(text, limits, source)
+        return fetch_url(text, limits, source)
     if scheme == "file":
         return _read_path(Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)), limits, source)
     if len(text) < 4096 and ("/" in text or "\\" in text or "." in text[-6:]) and _is_file(text):
         return _read_path(Path(text), limits, source)
-    if len(text) >= 16 and _BASE64_CHARS.match(text):
-        return _b64decode(text, source=source)
+    if len(text) >= 16 and _BASE64_CHARS.match(text[:4096]):
+        return _b64decode(text, source=source, limits=limits)
     if len(text) < 4096 and not _BASE64_CHARS.match(text):
         raise InvalidImageSourceError("no such file, and not a data URL or base64 string", source=source)
     raise InvalidImageSourceError("not a path, data URL or valid base64 string", source=source)
@@ -234,43 +185,99 @@ def read_content_bytes(source_obj: ImageSource, limits: ImageLimits | None = Non
     """The encoded bytes of an image that came from *message content* (untrusted).
 
     Like :func:`read_image_bytes`, but local files (paths, ``PathLike``, ``file://`` URLs)
-    are read only when ``limits.allow_local_files`` is on, and errors never say whether a
-    path exists. Every adapter turns content images into bytes through this function.
+    are read only when ``limits.allow_local_files`` is on, and then every failure (missing,
+    unreadable, a directory or device, too large, not an image) gives the same
+    :class:`~guardalign_core.errors.LocalFileRefusedError`: an error never tells whether a
+    path exists, what it holds or how big it is. Remote URLs follow
+    :func:`~guardalign_core._fetch.fetch_url` (allow-listed hosts on every redirect, one
+    deadline). Base64 is size-checked from its length before it is decoded. Every adapter
+    turns content images into bytes through this function.
+
+    Args:
+        source_obj: bytes, a ``data:`` URL, an ``http(s)`` URL, base64 text, or (only with
+            ``allow_local_files``) a path or ``file://`` URL.
+        limits: the limits (default :class:`ImageLimits`).
+        source: a short label for error messages (``"message 2, image 1"``).
+
+    Returns:
+        The encoded bytes, at most ``limits.max_bytes`` of them.
 
     Raises:
         ImageError: a subclass naming the problem (never the file system's state).
+
+    Example:
+        >>> read_content_bytes("/etc/passwd")  # doctest: +SKIP
+        Traceback (most recent call last):
+        LocalFileRefusedError: local file paths in message content are not read; ...
     """
     limits = limits or ImageLimits()
     if isinstance(source_obj, (bytes, bytearray, memoryview)):
-        return bytes(source_obj)
+        return _inline_bytes(source_obj, limits, source)
     if isinstance(source_obj, Image.Image):
         raise InvalidImageSourceError("expected encoded image bytes, a data URL or base64, got a decoded PIL image", source=source)
-    if limits.allow_local_files:
-        return read_image_bytes(source_obj, limits, source=source)
-    refusal = (
-        "local file paths in message content are not read; send the image inline (base64 or a data URL), "
-        "or set ImageLimits(allow_local_files=True) if the content is trusted"
-    )
     if isinstance(source_obj, os.PathLike):
-        raise InvalidImageSourceError(refusal, source=source)
+        if not limits.allow_local_files:
+            raise LocalFileRefusedError(_LOCAL_REFUSAL, source=source)
+        return _read_content_file(os.fspath(source_obj), limits, source)
     if not isinstance(source_obj, str):
         raise InvalidImageSourceError(f"expected bytes, a data URL, a URL or base64, got {type(source_obj).__name__}", source=source)
     text = source_obj.strip()
     if not text:
         raise EmptyImageError("the image string is empty", source=source)
     if text.startswith("data:"):
-        return decode_data_url(text, source=source)
-    scheme = urllib.parse.urlparse(text).scheme.lower()
+        return decode_data_url(text, source=source, limits=limits)
+    scheme = urllib.parse.urlparse(text[:2048]).scheme.lower()
     if scheme in ("http", "https"):
-        return _fetch(text, limits, source)
+        return fetch_url(text, limits, source)
     if scheme == "file":
-        raise InvalidImageSourceError(refusal, source=source)
-    # Anything else is base64 or nothing: a string is never looked up on disk (a JPEG's
-    # base64 starts with "/9j/", so the two cannot be told apart by shape).
+        if not limits.allow_local_files:
+            raise LocalFileRefusedError(_LOCAL_REFUSAL, source=source)
+        return _read_content_file(urllib.parse.unquote(urllib.parse.urlparse(text).path), limits, source)
+    # Anything else is base64 or (when allowed) a path. A string is never looked up on disk
+    # to decide which it is: that lookup would tell the sender whether the path exists.
     try:
-        return _b64decode(text, source=source)
+        data = _b64decode(text, source=source, limits=limits)
     except InvalidImageSourceError:
-        raise InvalidImageSourceError("not a data URL, an http(s) URL or valid base64 (" + refusal + ")", source=source) from None
+        if limits.allow_local_files and len(text) < 4096:
+            return _read_content_file(text, limits, source)
+        raise InvalidImageSourceError("not a data URL, an http(s) URL or valid base64 (" + _LOCAL_REFUSAL + ")", source=source) from None
+    if limits.allow_local_files and not _looks_like_image(data) and len(text) < 4096 and ("/" in text or "\\" in text):
+        return _read_content_file(text, limits, source)  # "/tmp/x.png" is also valid base64
+    return data
+
+
+def _looks_like_image(data: bytes) -> bool:
+    return looks_like_raster(data) or data[:2] in (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6") or data[:4] == b"\x00\x00\x01\x00"
+
+
+def _read_content_file(path: str, limits: ImageLimits, source: str | None) -> bytes:
+    """Read a local file named by message content; every failure reads the same."""
+    try:
+        data = _read_regular_file(path, limits.max_bytes)
+    except (OSError, ValueError, _TooLarge):
+        data = None
+    if data is None or not _looks_like_image(data):
+        raise LocalFileRefusedError(_LOCAL_UNUSABLE, source=source)
+    return data
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """Read at most ``max_bytes`` of a regular file; never block on a FIFO or device."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError("not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise _TooLarge
+    return data
 
 
 def _is_file(text: str) -> bool:
@@ -282,30 +289,36 @@ def _is_file(text: str) -> bool:
 
 
 def _read_path(path: Path, limits: ImageLimits, source: str | None) -> bytes:
-    label = source or path.name
-    if not path.is_file():
-        raise InvalidImageSourceError(f"no such file: {path}", source=label)
-    size = path.stat().st_size
-    if size > limits.max_bytes:
-        raise ImageTooLargeError(f"file is {size} bytes, over the limit of {limits.max_bytes}", source=label)
-    return path.read_bytes()
+    """Read a caller-named file; errors name neither the path nor the file's size."""
+    label = source or "local file"
+    try:
+        return _read_regular_file(path, limits.max_bytes)
+    except FileNotFoundError:
+        raise InvalidImageSourceError("no such file", source=label) from None
+    except _TooLarge:
+        raise ImageTooLargeError(f"the file is over the limit of {limits.max_bytes} bytes (ImageLimits.max_bytes)", source=label) from None
+    except (OSError, ValueError):
+        raise InvalidImageSourceError("the file cannot be read (not a readable regular file)", source=label) from None
 
 
 def load_image(image: ImageSource, limits: ImageLimits | None = None, *, source: str | None = None) -> Image.Image:
     """Decode any accepted input into a checked 8-bit RGB image.
 
+    The pixels are those of :func:`decode_image` (which also tells how to forward them);
+    this is the shortcut for callers that only need the pixels.
+
     Args:
         image: a file path (str or ``PathLike``), raw bytes, a base64 string, a ``data:``
             URL, an ``http(s)`` URL (only if ``limits.allow_remote``), or a PIL image.
-        limits: byte/pixel limits and remote-fetch rules (default :class:`ImageLimits`).
+        limits: byte/pixel/shape limits and remote-fetch rules (default :class:`ImageLimits`).
         source: a short label for error messages (e.g. ``"image 3"``); never the content.
 
     Returns:
         An RGB ``PIL.Image.Image`` of the input's size (after EXIF orientation).
 
     Raises:
-        ImageError: a subclass naming the problem (empty, corrupt, too large, unsupported
-            format, malformed source, remote fetch refused).
+        ImageError: a subclass naming the problem (empty, corrupt, too large or too
+            elongated, unsupported format, malformed source, remote fetch refused).
 
     Example:
         >>> from guardalign_core.images import load_image
@@ -314,13 +327,21 @@ def load_image(image: ImageSource, limits: ImageLimits | None = None, *, source:
     """
     limits = limits or ImageLimits()
     if isinstance(image, Image.Image):
-        _check_pixels(image.size, limits, source)
-        try:
-            image.load()
-        except OSError as err:
-            raise CorruptImageError(f"the image is truncated or damaged ({err})", source=source) from None
+        return _checked_pil(image, limits, source)
+    return decode_image(read_image_bytes(image, limits, source=source), limits, source=source).rgb
+
+
+def _checked_pil(image: Image.Image, limits: ImageLimits, source: str | None) -> Image.Image:
+    check_shape(image.size, limits, source)
+    try:
+        image.load()
         return to_rgb(image)
-    return _decode_bytes(read_image_bytes(image, limits, source=source), limits, source)
+    except (ImageTooLargeError, UnsupportedImageFormatError, CorruptImageError):
+        raise
+    except MemoryError:
+        raise ImageTooLargeError("converting the image needed more memory than is available", source=source) from None
+    except Exception as err:  # noqa: BLE001 - a decoder failure fails this image, closed (see decode_image)
+        raise CorruptImageError(f"the image is truncated or damaged ({type(err).__name__})", source=source) from None
 
 
 def encode_png(image: Image.Image) -> bytes:

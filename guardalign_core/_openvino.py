@@ -109,7 +109,7 @@ class OpenVINOImageTower:
             if folder is not None:
                 _save_atomically(model, folder)
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[dtype]})
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # 'f32', 'bf16', ...
         self._output = self.compiled.output(0)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -17,7 +19,7 @@ from PIL import Image
 
 from .config import DetectorConfig
 from .detector import CosineDetector, OTDetector
-from .encoders import get_clip_encoder
+from .encoders import ClipEncoder, cpu_has_native_bf16, get_clip_encoder, is_openvino_available, resolve_execution
 from .images import encode_png, read_image_bytes
 
 
@@ -50,6 +52,7 @@ def bench_detector(
     single: int = 8,
     patch_mode: str = "grid",
     dtype: str = "float32",
+    backend: str = "torch",
 ) -> dict[str, Any]:
     """Time decoding, encoding, the OT stage and masking for the OT detector and the cosine baseline.
 
@@ -65,17 +68,19 @@ def bench_detector(
     decoded = [_as_png_bytes(img) if isinstance(img, Image.Image) else read_image_bytes(img) for img in images][:batch]
     if len(decoded) < batch:
         decoded = (decoded * (batch // max(1, len(decoded)) + 1))[:batch]
-    encoder = get_clip_encoder(model, pretrained, device, dtype)
-    config = DetectorConfig(model=model, pretrained=pretrained, device=device, dtype=dtype, grid_size=grid_size, patch_mode=patch_mode, disk_cache=False)
+    encoder = get_clip_encoder(model, pretrained, device, dtype, backend)
+    config = DetectorConfig(model=model, pretrained=pretrained, device=device, dtype=dtype, backend=backend,
+                            grid_size=grid_size, patch_mode=patch_mode, disk_cache=False)
     ot = OTDetector(config, encoder=encoder)
     ot.scan(decoded[:2])  # warm-up, text embeddings
     first = ot.scan(decoded)
-    median = statistics.median(s for r in first for row in r.scores for s in row)
+    median = statistics.median(s for r in first for row in r.statistic for s in row)
     ot = OTDetector(config.model_copy(update={"threshold": median}), encoder=encoder)
     cosine = CosineDetector(config.model_copy(update={"kind": "cosine"}), encoder=encoder)
     cosine.scan(decoded[:2])
     report: dict[str, Any] = {"machine": machine_label(), "model": model, "weights": pretrained or "random", "grid": grid_size,
-                              "patch_mode": patch_mode, "batch": batch, "dtype": dtype}
+                              "patch_mode": patch_mode, "batch": batch, "dtype": dtype,
+                              "execution": str(encoder.execution), "agreement": encoder.agreement}
     for name, detector in (("ot", ot), ("cosine", cosine)):
         t0 = time.perf_counter()
         results = detector.scan(decoded)
@@ -94,6 +99,108 @@ def bench_detector(
     one_ms = (time.perf_counter() - t0) * 1000 / single
     report["ot"]["one_at_a_time_ms_per_image"] = round(one_ms, 3)
     report["ot"]["batched_speedup"] = round(one_ms / report["ot"]["wall_ms_per_image"], 3)
+    return report
+
+
+def _crops(encoder: ClipEncoder, images: Sequence[Image.Image], grid_size: int) -> torch.Tensor:
+    return torch.cat([encoder.grid_crops(image, grid_size) for image in images])  # (B·g², 3, S, S)
+
+
+def _threshold_in_widest_gap(scores: torch.Tensor) -> float:
+    """A τ between two adjacent scores in the middle half, in the widest gap there (no score sits on it)."""
+    values = scores.flatten().sort().values
+    lo, hi = values.numel() // 4, max(values.numel() // 4 + 1, 3 * values.numel() // 4)
+    gaps = values[lo + 1 : hi + 1] - values[lo:hi]
+    k = int(gaps.argmax())
+    return float((values[lo + k] + values[lo + k + 1]) / 2)
+
+
+def encode_paths(device: str = "cpu") -> list[tuple[str, str]]:
+    """The (dtype, backend) paths worth comparing here: fp32 torch (the reference) first, then the fast ones."""
+    paths = [("float32", "torch")]
+    if torch.device(device).type == "cuda":
+        return paths + [("float16", "torch")]
+    paths.append(("bfloat16", "torch"))
+    if is_openvino_available():
+        paths.append(("float32", "openvino"))
+        if cpu_has_native_bf16():
+            paths.append(("bfloat16", "openvino"))
+    return paths
+
+
+def bench_encode_paths(
+    images: Sequence[Image.Image | str],
+    *,
+    model: str = "ViT-B-32",
+    pretrained: str | None = None,
+    device: str = "cpu",
+    grid_size: int = 3,
+    n_images: int = 4,
+    batch_size: int = 36,
+    repeats: int = 3,
+    paths: Sequence[tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """The detector's encode stage on every execution path, interleaved in one run, against fp32 eager.
+
+    Each repeat times every path once on the same crops (``n_images`` images × g² crops),
+    so load drifts hit all paths alike; the best repeat per path is reported. Agreement is
+    the lowest embedding cosine to fp32 eager over all crops, and whether the OT detector's
+    decisions (unsafe patch sets) are identical at a τ in the widest gap near the median fp32
+    patch score (about half the patches flagged; no score sits on τ).
+
+    Returns:
+        ``{"auto": the path 'auto' picks here, "paths": {name: {ms_per_crop, speedup, min_cosine,
+        identical_decisions, ...}}}``.
+    """
+    from PIL import Image as _Image
+
+    pil = [img if isinstance(img, _Image.Image) else _Image.open(img).convert("RGB") for img in images][:n_images]
+    paths = list(paths or encode_paths(device))
+    encoders: dict[str, ClipEncoder] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = pretrained
+        if weights is None:  # random weights: every path must load the same ones
+            from .testing.tiny_clip import save_tiny_clip_checkpoint
+
+            weights = str(save_tiny_clip_checkpoint(Path(tmp) / "random.pt", model=model))
+        for dtype, backend in paths:
+            t0 = time.perf_counter()
+            enc = ClipEncoder(model, weights, device, dtype, backend)
+            encoders[f"{enc.execution}"] = enc
+            logger.info("loaded %s in %.1fs", enc.execution, time.perf_counter() - t0)
+    names = list(encoders)
+    reference = encoders[names[0]]
+    crops = _crops(reference, pil, grid_size)
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, torch.Tensor] = {}
+    for name in names:  # warm-up (first-call allocations, OpenVINO's first inference)
+        outputs[name] = encoders[name].encode_images(crops[:batch_size], batch_size)
+    for _ in range(repeats):
+        for name in names:
+            t0 = time.perf_counter()
+            outputs[name] = encoders[name].encode_images(crops, batch_size)
+            timings[name].append(time.perf_counter() - t0)
+    ref_feats = outputs[names[0]]
+    config = DetectorConfig(model=model, pretrained=pretrained, grid_size=grid_size, disk_cache=False)
+    ref_scores = None
+    report: dict[str, Any] = {"machine": machine_label(), "model": model, "weights": pretrained or "random", "grid": grid_size,
+                              "crops": int(crops.shape[0]), "batch": batch_size, "native_bf16": cpu_has_native_bf16(),
+                              "auto": str(resolve_execution(device, "auto", "auto")), "paths": {}}
+    for name in names:
+        best = min(timings[name])
+        cosine = torch.nn.functional.cosine_similarity(ref_feats, outputs[name], dim=-1)
+        detector = OTDetector(config, encoder=encoders[name])
+        scores = torch.tensor([r.statistic for r in detector.scan(pil)])
+        if ref_scores is None:
+            ref_scores, tau = scores, _threshold_in_widest_gap(scores)
+        flagged = scores <= tau
+        report["paths"][name] = {
+            "ms_per_crop": round(best * 1000 / crops.shape[0], 3),
+            "speedup_vs_fp32": round(min(timings[names[0]]) / best, 3),
+            "min_cosine": round(float(cosine.min()), 7),
+            "load_agreement": encoders[name].agreement,
+            "identical_decisions": bool(torch.equal(flagged, ref_scores <= tau)),
+        }
     return report
 
 

@@ -46,8 +46,20 @@ class DetectorConfig(_Config):
     pretrained: str | None = Field(
         "openai", description="open_clip pretrained tag ('openai', 'laion2b_s34b_b79k', ...), a local checkpoint path, or null for random weights."
     )
-    device: str = Field("cpu", description="Torch device for the CLIP model, e.g. 'cpu', 'cuda', 'cuda:1'.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="CLIP weights and activations dtype.")
+    device: str = Field(
+        "auto", description="Torch device for the CLIP model, e.g. 'cpu', 'cuda', 'cuda:1'; 'auto': CUDA when available, else CPU."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="CLIP weights and activations dtype. 'auto': float16 on CUDA, bfloat16 on CPUs with native bf16 "
+        "(AVX512-BF16 or AMX), float32 elsewhere. The OT stage always runs in float32.",
+    )
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        "auto",
+        description="What runs CLIP's image tower: 'torch' (the reference), 'openvino' (CPU only, extra "
+        "guardalign[openvino]; exported once and cached next to the text embeddings, checked against torch on load), "
+        "or 'auto': OpenVINO on CPU when installed, else torch.",
+    )
     patch_mode: Literal["grid", "tokens"] = Field(
         "grid", description="'grid': g×g crops, each encoded by CLIP (the paper's patches); 'tokens': one forward, MaskCLIP value-path token features."
     )
@@ -103,6 +115,8 @@ class DetectorConfig(_Config):
     def _check_device(cls, value: str) -> str:
         import torch
 
+        if value == "auto":
+            return value
         try:
             torch.device(value)
         except RuntimeError as err:

@@ -446,7 +446,7 @@ class CosineDetector(BaseDetector):
     def _score(self, images: list[Image.Image]) -> tuple[list[_Finding], dict[str, float]]:
         enc = self.encoder
         t0 = time.perf_counter()
-        feats = enc.encode_images(torch.cat([enc.whole(img) for img in images]), self.config.batch_size)  # (B, D)
+        feats = enc.encode_images(torch.cat([enc.center_crop(img) for img in images]), self.config.batch_size)  # (B, D)
         t1 = time.perf_counter()
         prompt = enc.cached_text_embeddings(f"prompt:{self.config.cosine_prompt}", [self.config.cosine_prompt], None)
         cos = (feats @ prompt[0]).cpu()  # (B,)

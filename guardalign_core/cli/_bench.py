@@ -29,15 +29,20 @@ def run_bench(args: argparse.Namespace) -> int:
         rng = np.random.default_rng(0)
         images = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(8)]
     pretrained = None if args.pretrained in (None, "none", "random") else args.pretrained
+    if args.encode_paths:
+        return _run_encode_paths(args, images, pretrained)
     report = {"detector": bench_detector(images, model=args.model, pretrained=pretrained, device=args.device, grid_size=args.grid,
-                                         batch=args.batch, single=args.single, patch_mode=args.patch_mode)}
+                                         batch=args.batch, single=args.single, patch_mode=args.patch_mode,
+                                         dtype=args.dtype, backend=args.backend)}
     for section in args.extra or []:
         report[section] = _EXTRA[section](args)
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return 0
     det = report["detector"]
-    sys.stdout.write(f"machine: {det['machine']}\nbackbone: {det['model']} ({det['weights']} weights), {det['patch_mode']} g={det['grid']}, batch {det['batch']}\n\n")
+    agreement = f", probe cosine to fp32 eager {det['agreement']:.6f}" if det.get("agreement") is not None else ""
+    sys.stdout.write(f"machine: {det['machine']}\nbackbone: {det['model']} ({det['weights']} weights), {det['patch_mode']} g={det['grid']}, batch {det['batch']}\n")
+    sys.stdout.write(f"encode path: {det['execution']}{agreement}\n\n")
     sys.stdout.write(f"{'detector':<8} {'decode':>8} {'encode':>9} {'OT/score':>9} {'mask':>7} {'wall':>9} {'img/s':>7} {'OT/enc':>8}\n")
     for name in ("ot", "cosine"):
         row = det[name]
@@ -90,6 +95,29 @@ def run_detection_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_encode_paths(args: argparse.Namespace, images: list, pretrained: str | None) -> int:
+    from ..bench import bench_encode_paths, encode_paths
+
+    paths = [tuple(p.split("/")) for p in args.paths] if args.paths else encode_paths(args.device)
+    report = bench_encode_paths(images, model=args.model, pretrained=pretrained, device=args.device, grid_size=args.grid,
+                                n_images=args.encode_images, batch_size=args.encode_batch, repeats=args.repeats, paths=paths)
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return 0
+    sys.stdout.write(
+        f"machine: {report['machine']} (native bf16: {report['native_bf16']})\nbackbone: {report['model']} "
+        f"({report['weights']} weights), grid {report['grid']}, {report['crops']} crops, batch {report['batch']}\n"
+        f"'auto' picks: {report['auto']}\n\n"
+    )
+    sys.stdout.write(f"{'path':<24} {'ms/crop':>9} {'vs fp32':>8} {'min cos':>10} {'same decisions':>15}\n")
+    for name, row in report["paths"].items():
+        sys.stdout.write(
+            f"{name:<24} {row['ms_per_crop']:>9.2f} {row['speedup_vs_fp32']:>7.2f}x {row['min_cosine']:>10.6f} "
+            f"{str(row['identical_decisions']):>15}\n"
+        )
+    return 0
+
+
 def _bench_calibration(args: argparse.Namespace) -> dict:
     from ..bench import bench_calibration
     from ..testing.tiny_lvlm import build_bench_lvlm
@@ -121,6 +149,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--model", default="ViT-B-32", help="open_clip model config (default ViT-B-32)")
     bench.add_argument("--pretrained", default=None, help="weights tag/path; default random (speed does not depend on weights)")
     bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", help="CLIP dtype for the detector bench (float32, bfloat16, float16, auto)")
+    bench.add_argument("--backend", default="torch", help="image-tower backend for the detector bench (torch, openvino, auto)")
+    bench.add_argument("--encode-paths", action="store_true", help="compare the encode stage on every execution path against fp32 eager, interleaved")
+    bench.add_argument("--paths", nargs="+", metavar="DTYPE/BACKEND", help="with --encode-paths: the paths, e.g. float32/torch float32/openvino (first is the reference)")
+    bench.add_argument("--encode-images", type=int, default=4, help="with --encode-paths: images (each g² crops)")
+    bench.add_argument("--encode-batch", type=int, default=36, help="with --encode-paths: crops per forward")
+    bench.add_argument("--repeats", type=int, default=3, help="with --encode-paths: interleaved repeats (best is reported)")
     bench.add_argument("--grid", type=int, default=3)
     bench.add_argument("--patch-mode", choices=["grid", "tokens"], default="grid")
     bench.add_argument("--batch", type=int, default=32, help="images per batched scan (default 32)")

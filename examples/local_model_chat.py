@@ -58,9 +58,9 @@ def main() -> None:
         for chunk in chat.stream([message]):
             print(chunk.text, end="|", flush=True)
         answer = chat.invoke([message])
-        record = answer.response_metadata["guardalign"]
-        print(f"\n[langchain] decision={record['decision']} prefix_used={record['prefix_used']} "
-              f"calibrated_layers={record['calibration']['layers']} usage={answer.usage_metadata}")
+        record, generation = answer.response_metadata["guardalign"], answer.response_metadata["guardalign_generation"]
+        print(f"\n[langchain] decision={record['decision']} prefix_used={generation['prefix_used']} "
+              f"calibrated_layers={generation['calibration']['layers']} usage={answer.usage_metadata}")
 
         # -- LlamaIndex (shares the loaded weights and CLIP) -------------------------------------
         from llama_index.core.llms import ChatMessage, ImageBlock, TextBlock

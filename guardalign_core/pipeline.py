@@ -44,6 +44,13 @@ class GuardRecord(BaseModel):
     output_tokens: int = 0
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
+    def generation(self) -> dict[str, Any]:
+        """The generation part of the record (prefix, calibration, tokens, timings), JSON-ready.
+
+        The verdict part is :meth:`RequestVerdict.summary`, the one summary every adapter reports.
+        """
+        return self.model_dump(mode="json", exclude={"decision", "status", "blocked", "reason", "images"})
+
 
 class GenerationResult(BaseModel):
     """Generated text plus the guard record."""

@@ -105,3 +105,14 @@ def decision_events() -> Any:
         yield handler.events
     finally:
         root.event_handlers.remove(handler)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_shared_memory():
+    """Each test starts with an empty process-wide verdict memory (tests reuse images and configs)."""
+    from guardalign_core.guard import SHARED_MEMORY
+
+    with SHARED_MEMORY._lock:
+        SHARED_MEMORY._entries.clear()
+        SHARED_MEMORY._bytes = 0
+    yield

@@ -68,7 +68,7 @@ def main() -> None:
         from guardalign_integrations.llama_index import GuardAlignLLM
 
         llm = GuardAlignLLM.from_hf(model, guard, max_new_tokens=16, generate_kwargs=generate_kwargs)
-        response = llm.chat([ChatMessage(role="user", blocks=[ImageBlock(path=IMAGE), TextBlock(text="Follow the steps in the image.")])])
+        response = llm.chat([ChatMessage(role="user", blocks=[ImageBlock(image=Path(IMAGE).read_bytes()), TextBlock(text="Follow the steps in the image.")])])
         print(f"[llamaindex] {response.message.content!r}")
         print(f"[llamaindex] decision={response.raw['guardalign']['decision']} usage={response.raw['usage']}")
 

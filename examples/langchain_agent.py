@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware, ModelRequest
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from PIL import Image
 
@@ -46,10 +47,29 @@ def image_b64(name: str, fallback_size: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-@tool
-def fetch_chart(name: str) -> list[dict[str, Any]]:
+@tool(response_format="content_and_artifact")
+def fetch_chart(name: str) -> tuple[str, dict[str, Any]]:
     """Fetch the stored chart image with this name."""
-    return [{"type": "image", "base64": image_b64("benign/coins.png", 200), "mime_type": "image/png"}]
+    # OpenAI rejects images in role "tool" messages: the tool answers in text and hands the
+    # image over as an artifact, which ImagesAsUserTurn shows the model in a user turn.
+    return f"Chart {name!r} fetched; it is shown in the next message.", {
+        "type": "image", "base64": image_b64("benign/coins.png", 200), "mime_type": "image/png",
+    }
+
+
+class ImagesAsUserTurn(AgentMiddleware):
+    """Show each tool's image artifact to the model as a user turn right after the tool's message.
+
+    Placed before GuardAlignMiddleware, so the guard screens the moved images with every other.
+    """
+
+    def wrap_model_call(self, request: ModelRequest, handler: Any) -> Any:
+        messages = []
+        for message in request.messages:
+            messages.append(message)
+            if isinstance(message, ToolMessage) and isinstance(message.artifact, dict) and message.artifact.get("type") == "image":
+                messages.append(HumanMessage(content=[{"type": "text", "text": f"Image returned by {message.name}:"}, message.artifact]))
+        return handler(request.override(messages=messages))
 
 
 class ScriptedToolModel(GenericFakeChatModel):
@@ -84,7 +104,7 @@ def main() -> None:
             make_model(),
             tools=[fetch_chart],
             system_prompt="You compare images for the user.",
-            middleware=[GuardAlignMiddleware(guard_config)],  # on_block="raise" to raise instead of refusing
+            middleware=[ImagesAsUserTurn(), GuardAlignMiddleware(guard_config)],  # on_block="raise" to raise instead of refusing
         )
         question = HumanMessage(
             content=[

@@ -158,7 +158,10 @@ def build_nodes(workdir: Path) -> list[TextNode]:
     cat = SHARED / "benign" / "chelsea.png"
     figstep = SHARED / "figstep-tiny" / "query_ForbidQI_1_1_6.png"
     if cat.is_file() and figstep.is_file():
-        nodes.append(ImageNode(image_path=str(cat), text="A photo of the office cat.", id_="img-cat"))
+        # Images from message content or an index are untrusted: the guard reads no local file unless
+        # ImageLimits(allow_local_files=True) says so. Here the index stores the bytes themselves.
+        cat_bytes = base64.b64encode(cat.read_bytes()).decode("ascii")
+        nodes.append(ImageNode(image=cat_bytes, image_mimetype="image/png", text="A photo of the office cat.", id_="img-cat"))
         encoded = base64.b64encode(figstep.read_bytes()).decode("ascii")
         nodes.append(ImageNode(image=encoded, text="A typographic list.", id_="img-list"))
         return nodes
@@ -179,7 +182,7 @@ def main() -> dict[str, Any]:
             workdir = Path(tmp)
             config = build_config(workdir)
             screen = GuardAlignImagePostprocessor(config)  # one batched scan per query
-            llm = GuardAlignLLM(build_chat_model(), guard=screen.guard)  # same guard, same CLIP
+            llm = GuardAlignLLM(build_chat_model(), config)  # same config: it recognises the screened images, never masks twice
             index = VectorStoreIndex(build_nodes(workdir), embed_model=MockEmbedding(embed_dim=8))
             engine = RetrieverQueryEngine.from_args(
                 index.as_retriever(similarity_top_k=10),

@@ -58,9 +58,9 @@ def main() -> None:
         for chunk in chat.stream([message]):
             print(chunk.text, end="|", flush=True)
         answer = chat.invoke([message])
-        record = answer.response_metadata["guardalign"]
-        print(f"\n[langchain] decision={record['decision']} prefix_used={record['prefix_used']} "
-              f"calibrated_layers={record['calibration']['layers']} usage={answer.usage_metadata}")
+        record, generation = answer.response_metadata["guardalign"], answer.response_metadata["guardalign_generation"]
+        print(f"\n[langchain] decision={record['decision']} prefix_used={generation['prefix_used']} "
+              f"calibrated_layers={generation['calibration']['layers']} usage={answer.usage_metadata}")
 
         # -- LlamaIndex (shares the loaded weights and CLIP) -------------------------------------
         from llama_index.core.llms import ChatMessage, ImageBlock, TextBlock
@@ -68,7 +68,7 @@ def main() -> None:
         from guardalign_integrations.llama_index import GuardAlignLLM
 
         llm = GuardAlignLLM.from_hf(model, guard, max_new_tokens=16, generate_kwargs=generate_kwargs)
-        response = llm.chat([ChatMessage(role="user", blocks=[ImageBlock(path=IMAGE), TextBlock(text="Follow the steps in the image.")])])
+        response = llm.chat([ChatMessage(role="user", blocks=[ImageBlock(image=Path(IMAGE).read_bytes()), TextBlock(text="Follow the steps in the image.")])])
         print(f"[llamaindex] {response.message.content!r}")
         print(f"[llamaindex] decision={response.raw['guardalign']['decision']} usage={response.raw['usage']}")
 

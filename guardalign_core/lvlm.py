@@ -45,6 +45,40 @@ class GenerationOptions(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends when one is produced.")
     seed: int | None = Field(None, description="Seed for sampling (sets the global torch seed for the call).")
 
+    @classmethod
+    def from_call(cls, defaults: "GenerationOptions", kwargs: dict[str, Any]) -> tuple["GenerationOptions", dict[str, Any]]:
+        """The one parser of per-call generation options, shared by every adapter.
+
+        Takes ``max_new_tokens`` (or its alias ``max_tokens``), ``temperature``, ``top_p``,
+        ``stop`` (a string or a list of strings) and ``seed`` from ``kwargs`` over ``defaults``;
+        what is left must be ``model.generate`` keywords, and is checked before anything runs.
+
+        Returns:
+            The options and the remaining ``model.generate`` keywords (``kwargs`` is not modified).
+
+        Raises:
+            TypeError: a keyword ``model.generate`` does not take, or one the runner sets itself.
+            ValueError: both ``max_new_tokens`` and ``max_tokens`` given, or an invalid value.
+
+        Example:
+            >>> options, extra = GenerationOptions.from_call(GenerationOptions(), {"max_tokens": 8, "stop": "###"})
+            >>> options.max_new_tokens, options.stop, extra
+            (8, ['###'], {})
+        """
+        extra = dict(kwargs)
+        if "max_tokens" in extra and "max_new_tokens" in extra:
+            raise ValueError("max_tokens: give either max_tokens or max_new_tokens, not both")
+        if "max_tokens" in extra:
+            extra["max_new_tokens"] = extra.pop("max_tokens")
+        update = {k: extra.pop(k) for k in list(extra) if k in cls.model_fields}
+        if isinstance(update.get("stop"), str):
+            update["stop"] = [update["stop"]]
+        elif "stop" in update:
+            update["stop"] = list(update["stop"] if update["stop"] is not None else defaults.stop)
+        options = cls.model_validate({**defaults.model_dump(), **{k: v for k, v in update.items() if v is not None or k == "seed"}})
+        LocalLVLM.check_generate_kwargs(extra)
+        return options, extra
+
 
 @dataclass(frozen=True)
 class PreparedPrompt:

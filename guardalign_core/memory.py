@@ -15,13 +15,10 @@ entry. Remote URLs are never remembered (their content can change).
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any, NamedTuple
 
 from ._lru import BoundedLRU
 from .config import GuardConfig
-from .errors import ImageError
-from .images import ImageLimits, ImageSource, read_image_bytes
 from .results import Decision, ScanResult
 
 DEFAULT_MAX_ENTRIES = 64
@@ -64,24 +61,6 @@ def config_fingerprint(config: GuardConfig, detector: Any = None) -> str:
         if bank is not None and hasattr(bank, "fingerprint"):
             parts.append(bank.fingerprint())
     return _digest("\n".join(parts).encode())
-
-
-def inline_bytes(image: ImageSource, limits: ImageLimits, *, source: str | None = None) -> bytes | None:
-    """The bytes behind an inline image (bytes, a file, a ``data:`` URL), or ``None``.
-
-    ``None`` for remote URLs and other strings, PIL images, empty inputs and sources that
-    cannot be read (the detector then reports why). Files are read under ``limits``.
-    """
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-    elif isinstance(image, os.PathLike) or (isinstance(image, str) and image.strip().startswith("data:")):
-        try:
-            data = read_image_bytes(image, limits, source=source)
-        except ImageError:
-            return None
-    else:
-        return None
-    return data or None
 
 
 class CheckedImageMemory(BoundedLRU[MemoryKey, CheckedImage]):

@@ -18,11 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .calibration import CalibrationConfig
 from .config import GuardConfig, PrefixConfig
-from .guard import GuardDecision, ImageGuard
+from .guard import ImageGuard
 from .images import ImageSource
 from .lvlm import GenerationOptions, LocalLVLM, Message, PreparedPrompt, first_stop, normalize_messages
-
-DEFAULT_REFUSAL = "I can't help with this request: the image it contains was judged unsafe."
+from .verdicts import DEFAULT_REFUSAL, RequestVerdict
 _IMAGE_KEYS = ("image", "url", "path", "base64", "image_url")
 
 
@@ -44,6 +43,13 @@ class GuardRecord(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     timings_ms: dict[str, float] = Field(default_factory=dict)
+
+    def generation(self) -> dict[str, Any]:
+        """The generation part of the record (prefix, calibration, tokens, timings), JSON-ready.
+
+        The verdict part is :meth:`RequestVerdict.summary`, the one summary every adapter reports.
+        """
+        return self.model_dump(mode="json", exclude={"decision", "status", "blocked", "reason", "images"})
 
 
 class GenerationResult(BaseModel):
@@ -140,8 +146,47 @@ class CheckedRequest:
 
     messages: list[Message]
     images: list[Image.Image]
-    decision: GuardDecision
+    decision: RequestVerdict
     guard_ms: float = 0.0
+
+
+_HF_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant", "chatbot": "assistant"}
+
+
+def to_checked_request(turns: Sequence[dict[str, Any]], verdict: RequestVerdict, *, guard_ms: float = 0.0) -> CheckedRequest:
+    """The one conversion of screened chat turns to a local model's request (Hugging Face chat format).
+
+    Adapters describe each turn framework-free: ``{"role": ..., "name": optional tool name,
+    "content": [{"type": "text", "text": ...} | {"type": "image", "index": i}]}``, where ``i``
+    is the image's position in ``verdict.images``. Each image part becomes ``{"type": "image"}``
+    with the checked (sanitised) pixels collected in order; an image that may not be shown
+    (blocked, or unchecked under ``fail_open``) is left out. ``tool``/``function`` turns become
+    user turns that say they hold a tool's result; assistant aliases (``model``, ``chatbot``)
+    are assistant turns; any other role is a user turn. Turns left empty are dropped.
+
+    Example:
+        >>> to_checked_request([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], verdict).messages  # doctest: +SKIP
+        [{'role': 'user', 'content': [{'type': 'text', 'text': 'hi'}]}]
+    """
+    messages: list[Message] = []
+    images: list[Image.Image] = []
+    for turn in turns:
+        role = str(turn.get("role") or "user")
+        parts: list[dict[str, Any]] = []
+        if role in ("tool", "function"):
+            name = turn.get("name")
+            parts.append({"type": "text", "text": f"Result of the tool {name!r}:\n" if name else "Result of a tool call:\n"})
+        for part in turn.get("content", ()):
+            if part.get("type") == "image":
+                pixels = verdict.images[part["index"]].pixels()
+                if pixels is not None:
+                    images.append(pixels)
+                    parts.append({"type": "image"})
+            elif part.get("type") == "text" and part.get("text"):
+                parts.append({"type": "text", "text": part["text"]})
+        if parts:
+            messages.append({"role": _HF_ROLES.get(role, "user"), "content": parts})
+    return CheckedRequest(messages, images, verdict, guard_ms)
 
 
 def drop_unforwardable(messages: list[Message], results: Sequence[Any]) -> tuple[list[Message], list[Image.Image]]:
@@ -222,7 +267,7 @@ class GuardAlignPipeline:
 
     def _guard(
         self, messages: str | Sequence[Message] | CheckedRequest, images: Sequence[ImageSource]
-    ) -> tuple[list[Message], list[Image.Image], GuardDecision, float]:
+    ) -> tuple[list[Message], list[Image.Image], RequestVerdict, float]:
         if isinstance(messages, CheckedRequest):
             if images:
                 raise ValueError("a CheckedRequest already holds its images; do not pass images= with it")
@@ -232,7 +277,7 @@ class GuardAlignPipeline:
         return checked.messages, checked.images, checked.decision, checked.guard_ms
 
     def _record(
-        self, decision: GuardDecision, prepared: PreparedPrompt | None, prefix_text: str | None, calibration: CalibrationConfig | None,
+        self, decision: RequestVerdict, prepared: PreparedPrompt | None, prefix_text: str | None, calibration: CalibrationConfig | None,
         output_tokens: int, timings: dict[str, float],
     ) -> GuardRecord:
         calib = None
@@ -245,7 +290,7 @@ class GuardAlignPipeline:
             status=decision.status.value,
             blocked=decision.blocked,
             reason=decision.reason,
-            images=[r.summary() for r in decision.results],
+            images=decision.summary()["images"],
             prefix_used=prefix_text is not None,
             prefix_text=prefix_text,
             prefix_placement=self.prefix.placement if prefix_text else None,
@@ -256,7 +301,7 @@ class GuardAlignPipeline:
             timings_ms={k: round(v, 3) for k, v in timings.items()},
         )
 
-    def _prepare(self, messages: list[Message], images: list[Image.Image], decision: GuardDecision) -> tuple[PreparedPrompt, str | None]:
+    def _prepare(self, messages: list[Message], images: list[Image.Image], decision: RequestVerdict) -> tuple[PreparedPrompt, str | None]:
         prefix_text = self.prefix.text if self.prefix.applies(decision.unsafe) and self.prefix.text else None
         prepared = self.lvlm.prepare(messages, images, prefix=prefix_text, placement=self.prefix.placement)
         return prepared, prefix_text
@@ -383,7 +428,4 @@ class GuardAlignPipeline:
 
     @staticmethod
     def _split_options(options: GenerationOptions | None, kwargs: dict[str, Any]) -> tuple[GenerationOptions, dict[str, Any]]:
-        known = {k: kwargs.pop(k) for k in list(kwargs) if k in GenerationOptions.model_fields}
-        if options is not None and known:
-            options = options.model_copy(update=known)
-        return options or GenerationOptions(**known), kwargs
+        return GenerationOptions.from_call(options or GenerationOptions(), kwargs)

@@ -1,23 +1,31 @@
-"""Pure helpers between LangChain messages and the images GuardAlign checks.
+"""Pure helpers between LangChain messages and the core's screening step.
 
-Nothing here touches a model, a detector or a callback: functions take messages and
-return new ones. The guard Runnable, the guarded chat model, the agent middleware (and
-the local-LVLM chat model) share this one conversion, and it is tested without a model.
+Nothing here touches a model, a detector or a callback. :func:`find_images` walks each
+message's raw ``content`` (what a provider integration actually sends, so a translator that
+drops a block from ``content_blocks`` cannot hide an image) and reports every image, in order,
+as a :class:`~guardalign_core.screening.ContentImage` for :meth:`ImageGuard.screen`;
+:func:`write_back` puts the verdict's bytes back in the block's own shape, keeping every key
+that is not an image source (OpenAI ``detail``, Anthropic ``cache_control``, ids).
 
-Images are found only through :attr:`BaseMessage.content_blocks`, which normalises every
-shape LangChain knows (OpenAI ``image_url`` with data URLs, Anthropic ``source`` blocks,
-LangChain v0 ``source_type`` blocks and v1 ``{"type": "image", ...}`` blocks) to the v1
-standard. Sanitised images are written back as v1 base64 PNG blocks; every other content
-item and all message fields (id, name, metadata, tool calls) are kept as they were.
+Default deny: a content item is forwarded only if its type is known to carry no image
+(text, reasoning, tool calls, ...) or its image was screened. An item of a type not
+understood here that carries binary data, a URL, a path or a file id is refused (named in
+the verdict) unless its type is allow-listed.
+
+Shapes understood: OpenAI ``image_url`` and Responses ``input_image``; LangChain v1 and v0
+``image`` / ``file`` / ``text-plain`` blocks; Anthropic ``image`` / ``document`` with a
+``source`` (``base64``, ``url``, ``file``, ``text``, nested ``content``) and ``tool_result``
+with nested content; Google ``media`` blocks. A ``file`` block without a MIME type, or with
+``application/octet-stream``, that holds image bytes is screened as an image.
 """
 
 from __future__ import annotations
 
 import base64
-import urllib.parse
+import binascii
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from langchain_core.messages import (
     AIMessage,
@@ -31,60 +39,62 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.utils import convert_to_messages
 from langchain_core.prompt_values import PromptValue
-from PIL import Image
 
-from guardalign_core.errors import ImageError
-from guardalign_core.guard import GuardDecision, SafetyPrompt
-from guardalign_core.images import ImageLimits, load_image, to_base64_png
+from guardalign_core.screening import ContentImage, sniff_mime
+from guardalign_core.verdicts import Forward, RequestVerdict, SafetyDelivery, SafetyPrompt
 
 __all__ = [
-    "ImageRef",
+    "FoundImage",
     "apply_safety_prompt",
     "combine_input_chunks",
-    "extract_images",
-    "image_to_block",
-    "is_image_block",
+    "find_images",
+    "hf_turns",
     "merge_system_text",
+    "prepend_text",
     "refusal_message",
-    "replace_images",
-    "to_hf_request",
+    "role_of",
     "to_messages",
+    "write_back",
 ]
 
-if TYPE_CHECKING:
-    from guardalign_core.pipeline import CheckedRequest
+TEXT_ONLY_TYPES = frozenset({
+    "text", "reasoning", "thinking", "redacted_thinking", "tool_call", "tool_call_chunk", "invalid_tool_call", "tool_use",
+    "server_tool_call", "server_tool_call_chunk", "function_call", "refusal", "citation",
+})
+"""Content item types known to carry no image: forwarded without a look inside."""
 
-_FETCHABLE_SCHEMES = ("http", "https")
+_SOURCE_KEYS = frozenset({"base64", "url", "file_id", "data", "source_type", "mime_type", "image_url", "source", "file_uri", "path"})
+_MEDIA_KEYS = frozenset({"data", "base64", "url", "image_url", "file_id", "path", "source", "image", "bytes", "uri", "file_uri",
+                         "file_data", "inline_data", "file"})
+_MEDIA_PREFIXES = ("data:", "http://", "https://", "file:", "/", "s3://", "gs://")
 
 
 @dataclass(frozen=True)
-class ImageRef:
-    """Where one image sits in a request, and what the detector should read for it.
+class FoundImage:
+    """One image in a request: where it sits, its shape, and what the core reads for it.
 
     Attributes:
-        message_index: position of the message in the request.
-        content_index: position of the content item holding the image, or ``None`` when
-            the image could not be tied to one item (it is then never rewritten).
-        part_index: position of the image among the v1 blocks of that content item
-            (almost always 0: one item, one block).
-        label: a name for decisions and errors, e.g. ``"messages[1].content[2]"``; never
-            the image's content.
-        source: what :func:`guardalign_core.images.load_image` reads (a ``data:`` or
-            ``http(s)`` URL), or ``None`` when the block cannot be read.
-        error: why the block cannot be read (``source`` is then ``None``).
-        remote: ``source`` is an ``http(s)`` URL (fetched only if the image limits allow).
-        mixed: the block carries more than one source (e.g. ``base64`` and ``url``); only one
-            is checked, so the block must be forwarded holding that one alone.
+        path: the location: ``(message, item)`` for a top-level content item, longer for a
+            nested one (``(m, c, "content", k)`` inside an Anthropic ``tool_result``).
+        shape: the block family the image is written back as (``openai``, ``input_image``,
+            ``anthropic``, ``v1``, ``file``, ``media``).
+        image: what goes to :meth:`ImageGuard.screen` (or the refusal).
+        inline_only: the block holds nothing but inline bytes, with a MIME type; it may then go
+            as it is when the verdict forwards exactly those bytes.
     """
 
-    message_index: int
-    content_index: int | None
-    part_index: int
-    label: str
-    source: str | None = None
-    error: str | None = None
-    remote: bool = False
-    mixed: bool = False
+    path: tuple[Any, ...]
+    shape: str
+    image: ContentImage
+    inline_only: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.image.label
+
+    @property
+    def message_index(self) -> int:
+        return self.path[0]
 
 
 # -- input conversion ---------------------------------------------------------------------
@@ -92,13 +102,6 @@ class ImageRef:
 
 def to_messages(value: Any) -> list[BaseMessage]:
     """Turn any ``LanguageModelInput`` (str, message list, ``PromptValue``) into messages.
-
-    Args:
-        value: a string (one human message), a ``PromptValue``, or a sequence of message
-            likes (``BaseMessage``, ``("role", content)`` tuples, dicts, strings).
-
-    Returns:
-        A new list (the messages themselves are not copied).
 
     Raises:
         TypeError: for anything else.
@@ -120,9 +123,6 @@ def to_messages(value: Any) -> list[BaseMessage]:
 
 def combine_input_chunks(chunks: Iterable[Any]) -> Any:
     """Assemble a streamed input into one value (for ``transform``).
-
-    Text pieces are concatenated and message chunks added; anything else (prompt
-    values, message lists) replaces the previous value, since a prompt arrives whole.
 
     Raises:
         ValueError: if the stream is empty.
@@ -146,154 +146,300 @@ def combine_input_chunks(chunks: Iterable[Any]) -> Any:
 # -- finding images -----------------------------------------------------------------------
 
 
-def is_image_block(block: Mapping[str, Any]) -> bool:
-    """Whether a v1 content block carries (or claims to carry) an image.
-
-    Besides ``{"type": "image"}`` this covers ``file`` blocks with an ``image/*`` MIME type
-    and provider blocks LangChain could not normalise whose type names an image (e.g. a
-    malformed ``image_url``): those must be checked or refused, never forwarded unseen.
-    """
-    kind = block.get("type")
-    if kind == "image":
+def _carries_media(value: Any, depth: int = 0) -> bool:
+    """Whether a structure holds binary data, a URL, a path or a file id anywhere (default deny)."""
+    if depth > 16:
         return True
-    if kind == "file":
-        return str(block.get("mime_type") or "").startswith("image/")
-    if kind == "non_standard":
-        value = block.get("value")
-        return isinstance(value, Mapping) and "image" in str(value.get("type") or "").lower()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return True
+    if isinstance(value, str):
+        return value.strip().lower().startswith(_MEDIA_PREFIXES)
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if key in _MEDIA_KEYS and item not in (None, "", [], {}):
+                return True
+            if _carries_media(item, depth + 1):
+                return True
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_carries_media(item, depth + 1) for item in value)
     return False
 
 
-def _item_blocks(message: BaseMessage, item: Any) -> list[dict[str, Any]]:
-    """The v1 blocks of one content item, parsed the way the message itself would parse it."""
-    if isinstance(item, str):
-        return [{"type": "text", "text": item}] if item else []
-    probe = message.model_copy(update={"content": [item]})
-    return [dict(block) for block in probe.content_blocks]
+def _b64_bytes(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
-def _read_source(block: Mapping[str, Any]) -> tuple[str | None, str | None, bool]:
-    """(source for load_image, error, remote) of a v1 image block."""
-    if block.get("type") == "non_standard":
-        return None, "unrecognised image block format; send a standard image block (base64 or data URL)", False
-    data = block.get("base64")
-    if isinstance(data, str) and data:
-        mime = str(block.get("mime_type") or "")
-        # A data URL routes the payload unambiguously to the base64 decoder (a bare base64
-        # string could be mistaken for a file path by a generic loader).
-        return f"data:{mime};base64,{data}", None, False
-    url = block.get("url")
-    if isinstance(url, str) and url:
-        scheme = urllib.parse.urlparse(url.strip()).scheme.lower()
-        if url.strip().lower().startswith("data:"):
-            return url, None, False
-        if scheme in _FETCHABLE_SCHEMES:
-            return url, None, True
-        return None, f"image URL scheme {scheme or '(none)'!r} is not read from messages (only data: and http(s) URLs)", False
-    if block.get("file_id"):
-        return None, "the image is a provider file reference (file_id) that cannot be checked locally", False
-    return None, "the image block holds no image data (no base64, url or file_id)", False
+class _Walker:
+    """Walks one request's content and collects :class:`FoundImage` entries."""
+
+    def __init__(self, allow: frozenset[str]) -> None:
+        self.allow = allow
+        self.found: list[FoundImage] = []
+
+    def add(self, path: tuple[Any, ...], label: str, shape: str, source: Any = None, mime: str | None = None,
+            refusal: str | None = None, inline_only: bool = False) -> None:
+        self.found.append(FoundImage(path, shape, ContentImage(label, source=source, refusal=refusal, mime=mime), inline_only))
+
+    def refuse(self, path: tuple[Any, ...], label: str, kind: str, why: str) -> None:
+        if kind in self.allow:
+            return
+        self.add(path, label, "refused", refusal=f"content block of type {kind!r} {why}; it is not forwarded unless its type "
+                 f"is allow-listed (allow_block_types=({kind!r},))")
+
+    def items(self, items: Sequence[Any], path: tuple[Any, ...], label: str) -> None:
+        for k, item in enumerate(items):
+            self.item(item, (*path, k), f"{label}[{k}]")
+
+    def item(self, item: Any, path: tuple[Any, ...], label: str) -> None:
+        if isinstance(item, str):
+            return
+        if not isinstance(item, Mapping):
+            if _carries_media(item) or not isinstance(item, (int, float, bool, type(None))):
+                self.refuse(path, label, type(item).__name__, "is not a content block the guard understands")
+            return
+        kind = str(item.get("type") or "")
+        if kind in TEXT_ONLY_TYPES:
+            return
+        if kind == "image_url":
+            value = item.get("image_url")
+            url = value.get("url") if isinstance(value, Mapping) else value
+            self.url_image(path, label, "openai", url, None)
+        elif kind == "input_image":
+            if item.get("file_id"):
+                self.add(path, label, "input_image", refusal="the image is a provider file id that cannot be checked locally")
+            else:
+                self.url_image(path, label, "input_image", item.get("image_url"), None)
+        elif kind == "image":
+            self.image(item, path, label)
+        elif kind in ("file", "text-plain", "input_file", "audio", "video"):
+            self.file(item, path, label, kind)
+        elif kind == "media":
+            self.media(item, path, label)
+        elif kind == "tool_result":
+            content = item.get("content")
+            if isinstance(content, list):
+                self.items(content, (*path, "content"), f"{label}.content")
+            elif content is not None and not isinstance(content, str):
+                self.refuse(path, label, kind, "holds content the guard does not understand")
+        elif kind == "document":
+            self.document(item, path, label)
+        elif kind in self.allow:
+            return
+        elif _carries_media(item):
+            self.refuse(path, label, kind or "(no type)", "is not understood by the guard and carries data, a URL, a path or a file id")
+
+    def url_image(self, path: tuple[Any, ...], label: str, shape: str, url: Any, mime: str | None) -> None:
+        if not isinstance(url, str) or not url.strip():
+            self.add(path, label, shape, refusal="the image block holds no image (no URL or data)")
+            return
+        inline = url.strip().lower().startswith("data:")
+        self.add(path, label, shape, source=url, mime=mime, inline_only=inline)
+
+    def image(self, item: Mapping[str, Any], path: tuple[Any, ...], label: str) -> None:
+        source = item.get("source")
+        if isinstance(source, Mapping):  # Anthropic
+            kind = source.get("type")
+            if kind == "base64" and isinstance(source.get("data"), str):
+                self.add(path, label, "anthropic", source=source["data"], mime=source.get("media_type"), inline_only=True)
+            elif kind == "url":
+                self.url_image(path, label, "anthropic", source.get("url"), None)
+            else:
+                self.add(path, label, "anthropic", refusal=f"image source of type {kind!r} cannot be checked locally (send base64 data)")
+            return
+        self.v1(item, path, label, "v1")
+
+    def v1(self, item: Mapping[str, Any], path: tuple[Any, ...], label: str, shape: str) -> None:
+        """A LangChain v1 (``base64``/``url``/``file_id``) or v0 (``source_type`` + ``data``/``url``/``id``) block."""
+        mime = item.get("mime_type")
+        v0 = item.get("source_type")
+        data = item.get("base64") or (item.get("data") if v0 == "base64" or (v0 is None and isinstance(item.get("data"), str)) else None)
+        url = item.get("url") or (item.get("data") if v0 == "url" else None)
+        file_id = item.get("file_id") or (item.get("id") if v0 == "id" else None)
+        sources = sum(1 for x in (data, url, file_id) if x)
+        if data:
+            self.add(path, label, shape, source=data, mime=mime, inline_only=sources == 1 and bool(mime))
+        elif url:
+            self.url_image(path, label, shape, url, mime)
+        elif file_id:
+            self.add(path, label, shape, refusal="the image is a provider file id (file_id) that cannot be checked locally")
+        else:
+            self.add(path, label, shape, refusal="the image block holds no image data (no base64, url or file_id)")
+
+    def file(self, item: Mapping[str, Any], path: tuple[Any, ...], label: str, kind: str) -> None:
+        mime = str(item.get("mime_type") or "").lower()
+        if mime.startswith("image/"):
+            self.v1(item, path, label, "file")
+            return
+        if kind == "text-plain" and not (item.get("base64") or item.get("url") or item.get("file_id") or item.get("data")):
+            return  # inline text only
+        if kind == "audio" or mime.startswith(("text/", "audio/")):
+            return  # carries no image
+        if mime in ("", "application/octet-stream"):
+            payload = item.get("base64") or (item.get("data") if isinstance(item.get("data"), str) else None)
+            raw = _b64_bytes(payload) if isinstance(payload, str) else None
+            if raw is not None and sniff_mime(raw) is not None:
+                self.add(path, label, "file", source=raw, mime=None)
+                return
+        self.refuse(path, label, kind, f"({mime or 'no MIME type'}) may carry images the guard cannot check")
+
+    def media(self, item: Mapping[str, Any], path: tuple[Any, ...], label: str) -> None:
+        mime = str(item.get("mime_type") or "").lower()
+        data = item.get("data")
+        raw = bytes(data) if isinstance(data, (bytes, bytearray)) else (_b64_bytes(data) if isinstance(data, str) else None)
+        if mime.startswith("image/") or (raw is not None and sniff_mime(raw) is not None):
+            if raw is None:
+                self.add(path, label, "media", refusal="the media block's image is not inline data (file_uri) and cannot be checked locally")
+            else:
+                self.add(path, label, "media", source=raw, mime=mime or None, inline_only=not item.get("file_uri"))
+        elif mime.startswith(("text/", "audio/")):
+            return
+        else:
+            self.refuse(path, label, "media", f"({mime or 'no MIME type'}) may carry images the guard cannot check")
+
+    def document(self, item: Mapping[str, Any], path: tuple[Any, ...], label: str) -> None:
+        source = item.get("source")
+        kind = source.get("type") if isinstance(source, Mapping) else None
+        if kind == "text":
+            return
+        if kind == "content" and isinstance(source.get("content"), list):  # type: ignore[union-attr]
+            self.items(source["content"], (*path, "source", "content"), f"{label}.source.content")  # type: ignore[index]
+            return
+        if isinstance(source, Mapping) and kind == "base64" and str(source.get("media_type") or "").startswith("image/"):
+            self.add(path, label, "anthropic", source=source.get("data"), mime=source.get("media_type"), inline_only=True)
+            return
+        if isinstance(source, Mapping) or _carries_media(item):
+            self.refuse(path, label, "document", f"(source {kind!r}) may carry images the guard cannot check")
 
 
-def extract_images(messages: Sequence[BaseMessage]) -> list[ImageRef]:
-    """Find every image in a request, in order, through ``BaseMessage.content_blocks``.
-
-    String contents hold no images and are skipped without parsing. A list content is
-    parsed once as a whole; only if it holds an image is each item parsed on its own, to
-    know which item to rewrite. An image the whole-message view reports but no single item
-    does is still returned (with ``content_index=None`` and an error), so it is refused
-    rather than forwarded unchecked.
+def find_images(messages: Sequence[BaseMessage], *, allow_block_types: Iterable[str] = ()) -> list[FoundImage]:
+    """Every image (and every refused block) in a request, in message and content order.
 
     Args:
         messages: the request.
+        allow_block_types: content item types forwarded unscreened although they may carry
+            data (the caller's explicit choice, e.g. ``("file",)`` for PDFs).
 
     Returns:
-        One :class:`ImageRef` per image, in message and content order.
+        One :class:`FoundImage` per image or refused block; empty for a text-only request.
 
     Example:
-        >>> from langchain_core.messages import HumanMessage
         >>> msg = HumanMessage(content=[{"type": "text", "text": "hi"},
         ...     {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}])
-        >>> [ref.label for ref in extract_images([msg])]
+        >>> [found.label for found in find_images([msg])]
         ['messages[0].content[1]']
     """
-    refs: list[ImageRef] = []
+    walker = _Walker(frozenset(allow_block_types))
     for m, message in enumerate(messages):
-        content = message.content
-        if isinstance(content, str):
-            continue
-        expected = sum(1 for block in message.content_blocks if is_image_block(block))
-        if not expected:
-            continue
-        found = 0
-        for c, item in enumerate(content):
-            if isinstance(item, str):
-                continue
-            for p, block in enumerate(_item_blocks(message, item)):
-                if not is_image_block(block):
-                    continue
-                source, error, remote = _read_source(block)
-                mixed = sum(1 for key in ("base64", "url", "file_id") if block.get(key)) > 1
-                refs.append(ImageRef(m, c, p, f"messages[{m}].content[{c}]", source, error, remote, mixed))
-                found += 1
-        for k in range(expected - found):
-            refs.append(
-                ImageRef(m, None, k, f"messages[{m}] (image {found + k})", None, "the image block could not be located in the message content")
-            )
-    return refs
+        if isinstance(message.content, list):
+            walker.items(message.content, (m,), f"messages[{m}].content")
+    return walker.found
 
 
 # -- writing back -------------------------------------------------------------------------
 
 
-def image_to_block(image: Image.Image | bytes, mime_type: str = "image/png") -> dict[str, Any]:
-    """A standard v1 image block holding ``image``: a PIL image (as a lossless PNG), or encoded bytes of ``mime_type``."""
-    data = base64.b64encode(image).decode("ascii") if isinstance(image, bytes) else to_base64_png(image)
-    return {"type": "image", "base64": data, "mime_type": mime_type if isinstance(image, bytes) else "image/png"}
+def _data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def replace_images(
-    messages: Sequence[BaseMessage], replacements: Mapping[ImageRef, dict[str, Any]]
-) -> list[BaseMessage]:
-    """Return the messages with the given images replaced by new blocks.
+def _rewrite(item: Mapping[str, Any], shape: str, data: bytes, mime: str) -> dict[str, Any]:
+    """The block ``item`` holding exactly ``data`` as ``mime``, inline; every non-source key kept."""
+    b64 = base64.b64encode(data).decode("ascii")
+    if shape == "openai":
+        value = item.get("image_url")
+        options = {k: v for k, v in value.items() if k != "url"} if isinstance(value, Mapping) else {}
+        return {**item, "image_url": {**options, "url": _data_url(mime, data)}}
+    if shape == "input_image":
+        return {**{k: v for k, v in item.items() if k not in ("image_url", "file_id")}, "image_url": _data_url(mime, data)}
+    if shape == "anthropic":
+        return {**item, "type": "image", "source": {"type": "base64", "media_type": mime, "data": b64}}
+    if shape == "media":
+        payload: Any = data if isinstance(item.get("data"), (bytes, bytearray)) else b64
+        return {**{k: v for k, v in item.items() if k != "file_uri"}, "mime_type": mime, "data": payload}
+    # v1 / v0 / file blocks: the standard v1 image block
+    drop = _SOURCE_KEYS | ({"id"} if item.get("source_type") == "id" else set()) | {"filename"}
+    return {**{k: v for k, v in item.items() if k not in drop}, "type": "image", "base64": b64, "mime_type": mime}
 
-    Only messages holding a replaced image are copied (``model_copy``, so id, name,
-    metadata and tool calls stay); in them only the content items holding a replaced
-    image change. Refs with ``content_index=None`` cannot be placed and are ignored.
 
-    Args:
-        messages: the request.
-        replacements: new v1 blocks keyed by the :class:`ImageRef` they replace.
+def _replace_at(container: Any, path: tuple[Any, ...], new: Any) -> Any:
+    """A copy of ``container`` with the element at ``path`` replaced (``_DROP``: removed); copies only along the path."""
+    key, rest = path[0], path[1:]
+    copy: Any = list(container) if isinstance(container, list) else dict(container)
+    copy[key] = _replace_at(container[key], rest, new) if rest else new
+    return copy
 
-    Returns:
-        A new list; untouched messages are the same objects.
+
+_DROP = object()
+
+
+def _get(container: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        container = container[key]
+    return container
+
+
+def _without_dropped(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_without_dropped(v) for v in value if v is not _DROP]
+    if isinstance(value, dict):
+        return {k: _without_dropped(v) for k, v in value.items()}
+    return value
+
+
+def write_back(messages: Sequence[BaseMessage], found: Sequence[FoundImage], verdict: RequestVerdict) -> list[BaseMessage]:
+    """The messages with each image replaced as its verdict says; untouched messages are the same objects.
+
+    ``BYTES``: the block holds exactly the verdict's bytes and MIME type, inline, in its own
+    shape (a block that already holds only those bytes with that type is kept as it is);
+    ``NOTHING``: the block is removed; ``AS_SENT`` (``fail_open`` only): kept as it came.
+    Messages are copied with ``model_copy`` (id, name, metadata, tool calls stay).
     """
-    by_item: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
-    for ref, block in replacements.items():
-        if ref.content_index is not None:
-            by_item.setdefault((ref.message_index, ref.content_index), {})[ref.part_index] = block
-    if not by_item:
-        return list(messages)
+    by_message: dict[int, list[tuple[FoundImage, Any]]] = {}
+    for entry, image in zip(verdict.images, found):
+        if entry.forward == Forward.AS_SENT:
+            continue
+        by_message.setdefault(image.message_index, []).append((image, entry))
     out = list(messages)
-    for m in sorted({m for m, _ in by_item}):
-        message = messages[m]
-        content = list(message.content)
-        for (mi, c), parts in sorted(by_item.items()):
-            if mi != m:
+    for m, changes in by_message.items():
+        content: Any = messages[m].content
+        changed = False
+        for image, entry in changes:
+            item = _get(content, image.path[1:])
+            if entry.forward == Forward.NOTHING:
+                new: Any = _DROP
+            elif image.inline_only and not entry.sanitised and entry.data == entry.checked and _declared(image) == entry.mime:
                 continue
-            blocks = _item_blocks(message, content[c])
-            if len(blocks) == 1 and 0 in parts:
-                content[c] = parts[0]
-            else:  # an item that parsed into several blocks: splice in its v1 form
-                content[c] = [parts.get(p, block) for p, block in enumerate(blocks)]
-        flat: list[Any] = []
-        for item in content:
-            flat.extend(item if isinstance(item, list) else [item])
-        out[m] = message.model_copy(update={"content": flat})
+            else:
+                new = _rewrite(item, image.shape, entry.data, entry.mime)
+            content = _replace_at(content, image.path[1:], new)
+            changed = True
+        if changed:
+            out[m] = messages[m].model_copy(update={"content": _without_dropped(content)})
     return out
 
 
+def _declared(image: FoundImage) -> str | None:
+    return image.image.mime.lower() if image.image.mime else None
+
+
 # -- safety prompt (black-box delivery, DESIGN §1C) -----------------------------------------
+
+
+def role_of(message: BaseMessage) -> str:
+    """The chat role of a message (streamed chunks count as their message type)."""
+    if isinstance(message, ChatMessage):
+        return message.role
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, AIMessage):
+        return "assistant"
+    if isinstance(message, ToolMessage):
+        return "tool"
+    return "user"
 
 
 def merge_system_text(system: SystemMessage | None, text: str) -> SystemMessage:
@@ -312,47 +458,52 @@ def merge_system_text(system: SystemMessage | None, text: str) -> SystemMessage:
     return system.model_copy(update={"content": content})
 
 
-def apply_safety_prompt(messages: Sequence[BaseMessage], safety: SafetyPrompt) -> list[BaseMessage]:
-    """Deliver the safety prefix by prompt alone, as the guard planned it.
-
-    The safety instruction (plus, without prefill, the request to begin the answer with
-    the prefix) is added to the leading system message, or a system message is put
-    first. With prefill the prefix is appended as a trailing assistant message, which
-    providers such as Anthropic continue from.
-
-    Args:
-        messages: the (sanitised) request.
-        safety: ``GuardDecision.safety_prompt``.
+def apply_safety_prompt(messages: Sequence[BaseMessage], safety: SafetyPrompt) -> tuple[list[BaseMessage], SafetyDelivery]:
+    """Deliver the safety prefix by prompt alone, through the core's one delivery rule.
 
     Returns:
-        A new list; unchanged when ``safety.applied`` is false.
+        The new messages (system text merged into the leading system message or put first,
+        the prefill appended as an assistant message) and the delivery used.
     """
     out = list(messages)
-    if not safety.applied:
-        return out
-    text = safety.system_text()
-    if text:
+    delivery = safety.delivery(role_of(out[-1]) if out else None)
+    if delivery.system_text:
         if out and isinstance(out[0], SystemMessage):
-            out[0] = merge_system_text(out[0], text)
+            out[0] = merge_system_text(out[0], delivery.system_text)
         else:
-            out.insert(0, merge_system_text(None, text))
-    if safety.prefill:
-        out.append(AIMessage(content=safety.prefill))
-    return out
+            out.insert(0, merge_system_text(None, delivery.system_text))
+    if delivery.prefill:
+        out.append(AIMessage(content=delivery.prefill))
+    return out, delivery
+
+
+def prepend_text(message: AIMessage, text: str) -> AIMessage:
+    """A copy of an answer whose text starts with ``text`` (the kept prefill), whatever its content shape."""
+    if not text:
+        return message
+    content = message.content
+    if isinstance(content, str):
+        return message.model_copy(update={"content": text + content})
+    items = list(content)
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            items[i] = text + item
+            break
+        if isinstance(item, Mapping) and item.get("type") == "text":
+            items[i] = {**item, "text": text + str(item.get("text") or "")}
+            break
+    else:
+        items.insert(0, {"type": "text", "text": text})
+    return message.model_copy(update={"content": items})
+
+
+def answer_start(message: BaseMessage) -> str:
+    """The first characters of an answer's text (to know whether it begins with a space)."""
+    return message.text[:1] if message.text else ""
 
 
 def refusal_message(text: str, *, metadata: Mapping[str, Any] | None = None, chunk: bool = False) -> AIMessage:
-    """An assistant message that refuses: a text block plus LangChain's standard refusal block.
-
-    The text block keeps ``message.text`` (and ``StrOutputParser``) readable; the
-    ``{"type": "refusal"}`` block lets code (e.g. ``ModelRefusalMiddleware``) detect the
-    refusal without parsing text.
-
-    Args:
-        text: the refusal shown to the user.
-        metadata: put in ``response_metadata`` (e.g. ``{"guardalign": decision.summary()}``).
-        chunk: return an ``AIMessageChunk`` marked as the last chunk (for streaming).
-    """
+    """An assistant message that refuses: a text block plus LangChain's standard refusal block."""
     content: list[str | dict[str, Any]] = [{"type": "text", "text": text}, {"type": "refusal", "refusal": text}]
     response_metadata = {"finish_reason": "content_filter", **(metadata or {})}
     if chunk:
@@ -362,82 +513,27 @@ def refusal_message(text: str, *, metadata: Mapping[str, Any] | None = None, chu
 
 # -- to a local model (ChatGuardAlign) ------------------------------------------------------
 
-def _hf_role(message: BaseMessage) -> str:
-    """The chat-template role (streamed chunks in a history count as their message type)."""
-    if isinstance(message, ChatMessage):
-        return message.role
-    if isinstance(message, SystemMessage):
-        return "system"
-    if isinstance(message, AIMessage):  # AIMessageChunk included
-        return "assistant"
-    return "user"
 
+def hf_turns(messages: Sequence[BaseMessage], found: Sequence[FoundImage]) -> list[dict[str, Any]]:
+    """Framework-free chat turns for :func:`guardalign_core.pipeline.to_checked_request`.
 
-def to_hf_request(messages: Sequence[BaseMessage], decision: GuardDecision, *, limits: ImageLimits | None = None) -> CheckedRequest:
-    """Turn guarded LangChain messages into a local model's request (Hugging Face chat format).
-
-    Text blocks become text parts and image blocks ``{"type": "image"}`` placeholders with the
-    decoded (already sanitised) pixels collected in order; tool results become user turns
-    that say so; reasoning, tool-call and other non-content blocks are left out. An image
-    the guard let through unchecked (``fail_open``) that cannot be decoded is dropped: a
-    local model has no use for bytes it cannot read, and the decision records the error.
-
-    Args:
-        messages: the guard's sanitised messages (``GuardedRequest.messages``).
-        decision: the guard's decision for them.
-        limits: image limits for decoding (the guard's).
-
-    Returns:
-        A :class:`~guardalign_core.pipeline.CheckedRequest` for ``GuardAlignPipeline.generate``.
+    Text items become text parts and each image an ``{"type": "image", "index": i}`` part (its
+    position in the verdict), in content order; nested images (tool results) follow their item.
     """
-    from guardalign_core.pipeline import CheckedRequest  # the local-model stack, loaded only when used
-
-    checked = [r.masked_image for r in decision.results]
-    if all(img is not None for img in checked):  # the checked pixels, in order: no second decode
-        converted = _hf_messages(messages, checked, limits)
-        if converted is not None:
-            return CheckedRequest(*converted, decision)
-    converted = _hf_messages(messages, None, limits)
-    assert converted is not None
-    return CheckedRequest(*converted, decision)
-
-
-def _hf_messages(
-    messages: Sequence[BaseMessage], checked: list[Image.Image] | None, limits: ImageLimits | None
-) -> tuple[list[dict[str, Any]], list[Image.Image]] | None:
-    """(HF messages, images) using ``checked`` pixels in order, or decoding the blocks when ``None``.
-
-    Returns ``None`` when ``checked`` does not match the image blocks one to one.
-    """
-    hf: list[dict[str, Any]] = []
-    images: list[Image.Image] = []
-    k = 0
-    for message in messages:
+    where: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(found):
+        where.setdefault((image.path[0], image.path[1]), []).append(i)
+    turns = []
+    for m, message in enumerate(messages):
         parts: list[dict[str, Any]] = []
-        if isinstance(message, ToolMessage):
-            parts.append({"type": "text", "text": f"Result of the tool {message.name or message.tool_call_id!r}:\n"})
         items = [message.content] if isinstance(message.content, str) else message.content
-        for item in items:
-            for block in _item_blocks(message, item):
-                if block.get("type") == "text" and block.get("text"):
-                    parts.append({"type": "text", "text": block["text"]})
-                elif is_image_block(block):
-                    if checked is not None:
-                        if k >= len(checked):
-                            return None
-                        image: Image.Image | None = checked[k]
-                    else:
-                        source, _, _ = _read_source(block)
-                        try:
-                            image = load_image(source, limits=limits) if source is not None else None
-                        except ImageError:
-                            image = None  # fail_open let an unreadable image through; nothing to show the model
-                    k += 1
-                    if image is not None:
-                        images.append(image)
-                        parts.append({"type": "image"})
-        if parts:
-            hf.append({"role": _hf_role(message), "content": parts})
-    if checked is not None and k != len(checked):
-        return None
-    return hf, images
+        for c, item in enumerate(items):
+            if isinstance(item, str):
+                parts.append({"type": "text", "text": item})
+            elif isinstance(item, Mapping) and item.get("type") == "text":
+                parts.append({"type": "text", "text": str(item.get("text") or "")})
+            for i in where.get((m, c), []) if not isinstance(message.content, str) else []:
+                parts.append({"type": "image", "index": i})
+        name = (message.name or getattr(message, "tool_call_id", None)) if isinstance(message, ToolMessage) else None
+        turns.append({"role": role_of(message), "name": name, "content": parts})
+    return turns

@@ -31,9 +31,9 @@ from langchain_core.runnables.config import ensure_config
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, model_validator
 
-from guardalign_core.guard import GuardDecision
+from guardalign_core.verdicts import RequestVerdict
 
-from ._messages import refusal_message
+from ._messages import prepend_text, refusal_message
 from .guard import (
     DEFAULT_REFUSAL,
     METADATA_KEY,
@@ -261,18 +261,15 @@ class GuardedChatModel(BaseChatModel):
     def _stop(self, stop: list[str] | None) -> list[str] | None:
         return stop if stop is not None else self.stop
 
-    def _refuse(self, decision: GuardDecision, *, chunk: bool = False) -> AIMessage:
+    def _refuse(self, decision: RequestVerdict, *, chunk: bool = False) -> AIMessage:
         if self.on_block == "raise":
             raise self.guard.violation(decision)
         return refusal_message(self.refusal, metadata={METADATA_KEY: decision.summary()}, chunk=chunk)
 
     def _annotate(self, message: AIMessage, guarded: GuardedRequest) -> AIMessage:
         """Add the decision to ``response_metadata`` and, with prefill, keep the prefix in the text."""
-        update: dict[str, Any] = {"response_metadata": {**message.response_metadata, METADATA_KEY: guarded.decision.summary()}}
-        prefill = guarded.decision.safety_prompt.prefill
-        if prefill and self.guard.config.prefix.keep_in_output and isinstance(message.content, str):
-            update["content"] = prefill + message.content
-        return message.model_copy(update=update)
+        message = prepend_text(message, guarded.kept_prefix(message))
+        return message.model_copy(update={"response_metadata": {**message.response_metadata, METADATA_KEY: guarded.decision.summary()}})
 
     # -- generation ----------------------------------------------------------------------------
     def _generate(

@@ -37,11 +37,11 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_vali
 
 from guardalign_core.config import GuardConfig, resolve_config
 from guardalign_core.errors import GuardAlignViolation
-from guardalign_core.guard import GuardDecision, ImageGuard
-from guardalign_core.images import load_image
-from guardalign_core.results import Decision, ScanResult, Status
+from guardalign_core.guard import ImageGuard
+from guardalign_core.memory import config_fingerprint
+from guardalign_core.verdicts import DEFAULT_REFUSAL, RequestVerdict, SafetyDelivery
 
-from ._messages import ImageRef, apply_safety_prompt, combine_input_chunks, extract_images, image_to_block, replace_images, to_messages
+from ._messages import FoundImage, apply_safety_prompt, combine_input_chunks, find_images, to_messages, write_back
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,6 @@ EVENT_NAME = "guardalign_decision"
 
 METADATA_KEY = "guardalign"
 """Key of the decision summary in run metadata and in ``response_metadata``."""
-
-DEFAULT_REFUSAL = "I can't help with this request: an image in it was blocked by the safety guard."
-"""The refusal returned instead of an answer when a request is blocked."""
 
 _ENGINE_LOCK = threading.Lock()
 
@@ -76,66 +73,34 @@ def coerce_guard(guard: Any = None, *, action: str | None = None, fail_open: boo
     if isinstance(guard, GuardAlignGuard):
         if not shortcuts:
             return guard
-        return GuardAlignGuard(config=guard.config, reuse_checked=guard.reuse_checked, **shortcuts)
+        return GuardAlignGuard(config=guard.config, reuse_checked=guard.reuse_checked, allow_block_types=guard.allow_block_types, **shortcuts)
     return GuardAlignGuard(config=guard, **shortcuts)
 
 
 @dataclass
 class GuardedRequest:
-    """The guard's work on one request: the decision and the messages to forward.
+    """The guard's work on one request: the verdict and the messages to forward.
 
     Attributes:
         messages: the sanitised messages, or ``None`` when the request is blocked (it must
-            not be forwarded). Their image blocks are what a model should see (a local
-            model decodes them with ``guardalign_core.images.load_image``).
-        decision: the inspectable decision; ``decision.results[i]`` belongs to ``images[i]``.
-            Freshly scanned results carry ``masked_image``; results reused from earlier
-            requests do not (their reason ends in "(reused)").
-        images: where each checked image sits in the request.
+            not be forwarded).
+        decision: the request verdict; ``decision.images[i]`` belongs to ``images[i]``.
+        images: where each image (or refused block) sits in the request.
+        delivery: how the safety prompt was put into ``messages`` (empty when not applied).
     """
 
     messages: list[BaseMessage] | None
-    decision: GuardDecision
-    images: list[ImageRef] = field(default_factory=list)
+    decision: RequestVerdict
+    images: list[FoundImage] = field(default_factory=list)
+    delivery: SafetyDelivery = SafetyDelivery(None, None)
 
     @property
     def blocked(self) -> bool:
         return self.decision.blocked
 
-
-def _with_pixels(result: ScanResult, data: bytes | None, config: GuardConfig) -> ScanResult:
-    """A reused result with ``masked_image`` decoded from the bytes it stands for (unchanged when there are none)."""
-    if not data:
-        return result
-    return result.model_copy(update={"masked_image": load_image(data, config.images)})
-
-
-def _data_url_mime(source: str | None) -> str:
-    """The MIME type named by a ``data:`` URL (``image/png`` when it names none)."""
-    if source and source.startswith("data:"):
-        mime = source[5:].split(";", 1)[0].split(",", 1)[0].strip()
-        if mime:
-            return mime
-    return "image/png"
-
-
-def _unreadable_result(index: int, ref: ImageRef, config: GuardConfig) -> ScanResult:
-    """A ``status=error`` result for an image block that holds nothing the detector can read."""
-    policy, detector = config.policy, config.detector
-    what = "forwarded unchecked (fail_open)" if policy.fail_open else "blocked (fail-closed)"
-    return ScanResult(
-        index=index,
-        source=ref.label,
-        status=Status.ERROR,
-        decision=Decision.ALLOW if policy.fail_open else Decision.BLOCK,
-        unsafe=False,
-        reason=f"image could not be checked (UnreadableImageBlock); {what}",
-        detector=detector.kind,
-        threshold=detector.cosine_threshold if detector.kind == "cosine" else detector.threshold,
-        backbone=detector.backbone_id,
-        policy=policy.action,
-        error=f"{ref.label}: {ref.error}",
-    )
+    def kept_prefix(self, answer: BaseMessage) -> str:
+        """What to put before the answer so it starts with the prefill (``""`` without one)."""
+        return self.decision.safety_prompt.kept_prefix(self.delivery, answer.text[:1] if answer.text else " ")
 
 
 class GuardAlignGuard(RunnableSerializable[LanguageModelInput, ChatPromptValue]):
@@ -166,7 +131,11 @@ class GuardAlignGuard(RunnableSerializable[LanguageModelInput, ChatPromptValue])
     reuse_checked: bool = True
     """Reuse verdicts on inline images the engine already checked or sanitised (by SHA-256), so images resent in a chat or agent loop are not rescanned."""
 
+    allow_block_types: tuple[str, ...] = ()
+    """Content item types forwarded unscreened although they may carry data (default deny: e.g. ``("file",)`` lets PDFs through)."""
+
     _engine: ImageGuard | None = PrivateAttr(default=None)
+    _fingerprint: tuple[int, str] | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -213,7 +182,14 @@ class GuardAlignGuard(RunnableSerializable[LanguageModelInput, ChatPromptValue])
     def describe(self) -> dict[str, Any]:
         """A compact, JSON-ready description of the guard's settings (for traces)."""
         c = self.config
+        engine = self.engine
+        cached = self._fingerprint
+        if cached is None or cached[0] != id(engine):
+            cached = self._fingerprint = (id(engine), config_fingerprint(c, engine.detector))  # builds no CLIP
         return {
+            "fingerprint": cached[1],  # everything that changes what is forwarded: limits, bank, categories, grid, mask mode
+            "reuse_checked": self.reuse_checked,
+            "allow_block_types": list(self.allow_block_types),
             "detector": c.detector.kind,
             "backbone": c.detector.backbone_id,
             "threshold": c.detector.cosine_threshold if c.detector.kind == "cosine" else c.detector.threshold,
@@ -223,88 +199,48 @@ class GuardAlignGuard(RunnableSerializable[LanguageModelInput, ChatPromptValue])
         }
 
     # -- the work (no callbacks) ------------------------------------------------------------
-    def _scan(
-        self, refs: Sequence[ImageRef], *, reuse: bool | None = None
-    ) -> tuple[list[ScanResult], list[bytes | None], list[bytes | None]]:
-        """Per image: its result (reused or scanned in one batch by the engine, see
-        :meth:`ImageGuard.scan_checked`, or an error for unreadable blocks), its sanitised PNG
-        if any, and the exact bytes that were checked (``None`` for remote or unreadable)."""
-        readable = [i for i, ref in enumerate(refs) if ref.source is not None]
-        scanned = self.engine.scan_checked(
-            [refs[i].source for i in readable], sources=[refs[i].label for i in readable],
-            reuse=self.reuse_checked if reuse is None else reuse,
-        )
-        fresh = {
-            i: (result.model_copy(update={"index": i}), png, content)
-            for i, result, png, content in zip(readable, scanned.results, scanned.pngs, scanned.contents)
-        }
-        outcome = [fresh.get(i) or (_unreadable_result(i, ref, self.config), None, None) for i, ref in enumerate(refs)]
-        return [o[0] for o in outcome], [o[1] for o in outcome], [o[2] for o in outcome]
+    def _screen(self, messages: list[BaseMessage], found: list[FoundImage]) -> RequestVerdict:
+        return self.engine.screen([image.image for image in found], reuse=self.reuse_checked)
 
-    def _decide(self, refs: Sequence[ImageRef]) -> GuardDecision:
-        engine = self.engine
-        if not refs:
-            return engine.decide([])
-        results, pngs, contents = self._scan(refs)
-        # Check-only callers get complete results: a reused verdict carries the pixels it stands
-        # for (the stored sanitised PNG, or the checked image itself) like a fresh one.
-        results = [
-            _with_pixels(result, png or content, self.config) if result.masked_image is None and result.status == Status.OK else result
-            for result, png, content in zip(results, pngs, contents)
-        ]
-        return engine.decide(results)
-
-    def _sanitize_messages(self, messages: list[BaseMessage], refs: list[ImageRef], safety_prompt: bool) -> GuardedRequest:
-        engine = self.engine
-        if not refs:
-            decision = engine.decide([])
-            return GuardedRequest(apply_safety_prompt(messages, decision.safety_prompt) if safety_prompt else list(messages), decision, refs)
-        results, pngs, contents = self._scan(refs)
-        decision = engine.decide(results)
-        logger.debug("guardalign decision: %s", decision.reason)
-        if decision.blocked:
-            return GuardedRequest(None, decision, refs)
-        replacements: dict[ImageRef, dict[str, Any]] = {}
-        for ref, result, png, content in zip(refs, results, pngs, contents):
-            if result.status == Status.ERROR:
-                continue  # fail_open: forwarded as sent (the decision says status=error)
-            # Masked images go back as PNG; a fetched remote image is forwarded as the pixels
-            # that were checked, so the model cannot get different content from the URL; a
-            # block with several sources keeps only the one that was checked.
-            if png is not None:
-                replacements[ref] = image_to_block(png)
-            elif ref.remote and result.masked_image is not None:
-                replacements[ref] = image_to_block(result.masked_image)
-            elif ref.mixed and content is not None:
-                replacements[ref] = image_to_block(content, _data_url_mime(ref.source))
-        sanitised = replace_images(messages, replacements)
+    def _sanitize_messages(self, messages: list[BaseMessage], found: list[FoundImage], safety_prompt: bool) -> GuardedRequest:
+        verdict = self._screen(messages, found)
+        logger.debug("guardalign decision: %s", verdict.reason)
+        if verdict.blocked:
+            return GuardedRequest(None, verdict, found)
+        sanitised = write_back(messages, found, verdict) if found else list(messages)
+        delivery = SafetyDelivery(None, None)
         if safety_prompt:
-            sanitised = apply_safety_prompt(sanitised, decision.safety_prompt)
-        return GuardedRequest(sanitised, decision, refs)
+            sanitised, delivery = apply_safety_prompt(sanitised, verdict.safety_prompt)
+        return GuardedRequest(sanitised, verdict, found, delivery)
 
-    def check(self, input: LanguageModelInput) -> GuardDecision:  # noqa: A002 (Runnable naming)
-        """Check-only mode: scan the request's images and return the decision, changing nothing.
+    def find(self, messages: list[BaseMessage]) -> list[FoundImage]:
+        """The request's images and refused blocks (see :func:`~._messages.find_images`)."""
+        return find_images(messages, allow_block_types=self.allow_block_types)
 
-        No event is dispatched and no message is rewritten. Verdicts are remembered and reused
-        as in :meth:`sanitize` (so the decision is the one ``invoke`` would take); every result
-        carries its pixels (``masked_image``), reused ones included. Nothing is loaded for a
-        request without images.
+    def check(self, input: LanguageModelInput) -> RequestVerdict:  # noqa: A002 (Runnable naming)
+        """Check-only mode: screen the request's images and return the verdict, changing nothing.
+
+        No event is dispatched and no message is rewritten; the verdict is the one ``invoke``
+        would take (``verdict.images[i].pixels()`` are the pixels a model would see). Nothing is
+        loaded for a request without images.
 
         Example:
             >>> guard.check(messages).summary()["decision"]  # doctest: +SKIP
             'mask'
         """
-        return self._decide(extract_images(to_messages(input)))
+        messages = to_messages(input)
+        return self._screen(messages, self.find(messages))
 
-    async def acheck(self, input: LanguageModelInput) -> GuardDecision:  # noqa: A002
+    async def acheck(self, input: LanguageModelInput) -> RequestVerdict:  # noqa: A002
         """Async :meth:`check`; the scan runs in a worker thread, off the event loop."""
-        refs = extract_images(to_messages(input))
-        if not refs:
-            return self._decide(refs)
-        return await run_in_executor(None, self._decide, refs)
+        messages = to_messages(input)
+        found = self.find(messages)
+        if not found:
+            return self._screen(messages, found)
+        return await run_in_executor(None, self._screen, messages, found)
 
     def sanitize(self, input: LanguageModelInput, *, safety_prompt: bool = True) -> GuardedRequest:  # noqa: A002
-        """Scan, apply the policy and return the messages to forward (no callbacks, never raises on block).
+        """Screen, apply the verdict and return the messages to forward (no callbacks, never raises on block).
 
         Args:
             input: any ``LanguageModelInput``.
@@ -315,32 +251,21 @@ class GuardAlignGuard(RunnableSerializable[LanguageModelInput, ChatPromptValue])
             A :class:`GuardedRequest`; ``messages`` is ``None`` when the request is blocked.
         """
         messages = to_messages(input)
-        return self._sanitize_messages(messages, extract_images(messages), safety_prompt)
+        return self._sanitize_messages(messages, self.find(messages), safety_prompt)
 
     async def asanitize(
         self, input: LanguageModelInput, *, safety_prompt: bool = True, config: RunnableConfig | None = None  # noqa: A002
     ) -> GuardedRequest:
         """Async :meth:`sanitize`: the CPU-heavy scan and re-encoding run in a worker thread."""
         messages = to_messages(input)
-        refs = extract_images(messages)
-        if not refs:  # nothing to scan: stay on the loop, a thread hop would cost more
-            return self._sanitize_messages(messages, refs, safety_prompt)
-        return await run_in_executor(config, self._sanitize_messages, messages, refs, safety_prompt)
+        found = self.find(messages)
+        if not found:  # nothing to scan: stay on the loop, a thread hop would cost more
+            return self._sanitize_messages(messages, found, safety_prompt)
+        return await run_in_executor(config, self._sanitize_messages, messages, found, safety_prompt)
 
-    def violation(self, decision: GuardDecision) -> GuardAlignViolation:
+    def violation(self, decision: RequestVerdict) -> GuardAlignViolation:
         """The exception for a blocked request, naming each blocked image and why."""
-        parts = []
-        for result in decision.results:
-            if result.decision != Decision.BLOCK:
-                continue
-            detail = f"{result.source}: {result.reason}"
-            if result.error:
-                error = result.error
-                if result.source and error.startswith(f"{result.source}: "):
-                    error = error[len(result.source) + 2 :]
-                detail += f" ({error})"
-            parts.append(detail)
-        return GuardAlignViolation(f"GuardAlign blocked the request — {decision.reason}. " + "; ".join(parts), decision)
+        return GuardAlignViolation(decision.blocked_reason(), decision)
 
     # -- Runnable API ----------------------------------------------------------------------
     def _run(self, input: LanguageModelInput, run_manager: CallbackManagerForChainRun) -> ChatPromptValue:  # noqa: A002
@@ -429,7 +354,7 @@ def _record_run_metadata(run_manager: Any, data: dict[str, Any]) -> None:
             run["metadata"] = {**run["metadata"], METADATA_KEY: data}
 
 
-def emit_decision(decision: GuardDecision, run_manager: Any | None) -> None:
+def emit_decision(decision: RequestVerdict, run_manager: Any | None) -> None:
     """Dispatch ``guardalign_decision`` under ``run_manager``'s run and add it to its metadata."""
     if run_manager is None:
         return
@@ -438,7 +363,7 @@ def emit_decision(decision: GuardDecision, run_manager: Any | None) -> None:
     dispatch_custom_event(EVENT_NAME, data, config={"callbacks": child_callbacks(run_manager)})
 
 
-async def aemit_decision(decision: GuardDecision, run_manager: Any | None) -> None:
+async def aemit_decision(decision: RequestVerdict, run_manager: Any | None) -> None:
     """Async :func:`emit_decision`."""
     if run_manager is None:
         return
@@ -451,13 +376,13 @@ def _context_has_run() -> bool:
     return get_callback_manager_for_config(ensure_config()).parent_run_id is not None
 
 
-def emit_decision_in_context(decision: GuardDecision) -> None:
+def emit_decision_in_context(decision: RequestVerdict) -> None:
     """Dispatch the event under the run active in this context (a graph node), if any."""
     if _context_has_run():
         dispatch_custom_event(EVENT_NAME, decision.summary())
 
 
-async def aemit_decision_in_context(decision: GuardDecision) -> None:
+async def aemit_decision_in_context(decision: RequestVerdict) -> None:
     """Async :func:`emit_decision_in_context`."""
     if _context_has_run():
         await adispatch_custom_event(EVENT_NAME, decision.summary())

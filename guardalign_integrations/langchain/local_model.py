@@ -25,14 +25,20 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from guardalign_core.calibration import CalibrationConfig
 from guardalign_core.config import PrefixConfig
-from guardalign_core.lvlm import GenerationOptions, LocalLVLM, get_local_lvlm
-from guardalign_core.pipeline import GuardAlignPipeline, GuardRecord
+from guardalign_core.lvlm import GenerationOptions, get_local_lvlm
+from guardalign_core.pipeline import GuardAlignPipeline, GuardRecord, to_checked_request
 
-from ._messages import refusal_message, to_hf_request
+from ._messages import hf_turns, refusal_message
 from .chat_models import with_guard_field
 from .guard import DEFAULT_REFUSAL, METADATA_KEY, GuardAlignGuard, emit_decision
 
-__all__ = ["ChatGuardAlign"]
+__all__ = ["ChatGuardAlign", "GENERATION_KEY"]
+
+GENERATION_KEY = "guardalign_generation"
+"""Key of the local generation's record (prefix, calibration, token counts, timings) in ``response_metadata``.
+
+``response_metadata["guardalign"]`` holds the same verdict summary as every other adapter's.
+"""
 
 _NO_TOOLS = (
     "ChatGuardAlign does not support tool calling: the local LVLM runner generates text only. "
@@ -195,40 +201,42 @@ class ChatGuardAlign(BaseChatModel):
 
     def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[GenerationOptions, dict[str, Any]]:
         extra = {**self.model_kwargs, **kwargs}
-        if "max_new_tokens" in extra:
-            extra["max_tokens"] = extra.pop("max_new_tokens")
-        options = GenerationOptions(
-            max_new_tokens=extra.pop("max_tokens", self.max_tokens),
-            temperature=extra.pop("temperature", self.temperature),
-            top_p=extra.pop("top_p", self.top_p),
-            stop=list(stop if stop is not None else self.stop or []),
-            seed=extra.pop("seed", self.seed),
-        )
         for key in ("tools", "tool_choice", "response_format"):
             if key in extra:
                 raise NotImplementedError(_NO_TOOLS)
-        LocalLVLM.check_generate_kwargs({k: v for k, v in extra.items() if k != "model"})  # before any image is scanned
+        model = extra.pop("model", None)
+        defaults = GenerationOptions(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                     stop=list(self.stop or []), seed=self.seed)
+        if stop is not None:
+            extra["stop"] = stop
+        options, extra = GenerationOptions.from_call(defaults, extra)  # checked before any image is scanned
+        if model is not None:
+            extra["model"] = model
         return options, extra
 
     def _check(self, messages: list[BaseMessage], run_manager: CallbackManagerForLLMRun | None) -> tuple[Any, Any]:
         """Guard the request; returns (checked request or None when blocked, decision)."""
-        guarded = self.guard.sanitize(messages, safety_prompt=False)
-        emit_decision(guarded.decision, run_manager)
-        if guarded.blocked:
+        found = self.guard.find(messages)
+        verdict = self.guard.engine.screen([image.image for image in found], reuse=self.guard.reuse_checked)
+        emit_decision(verdict, run_manager)
+        if verdict.blocked:
             if self.on_block == "raise":
-                raise self.guard.violation(guarded.decision)
-            return None, guarded.decision
-        return to_hf_request(guarded.messages, guarded.decision, limits=self.guard.config.images), guarded.decision
+                raise self.guard.violation(verdict)
+            return None, verdict
+        return to_checked_request(hf_turns(messages, found), verdict), verdict
 
     def _refuse(self, decision: Any, *, chunk: bool = False, model: str | None = None) -> AIMessage:
-        metadata = {METADATA_KEY: {**decision.summary(), "blocked": True}, "model_name": model or self.model}
+        metadata = {METADATA_KEY: decision.summary(), "model_name": model or self.model}
         message = refusal_message(self.refusal, metadata=metadata, chunk=chunk)
         message.usage_metadata = UsageMetadata(input_tokens=0, output_tokens=0, total_tokens=0)
         return message
 
-    def _metadata(self, record: GuardRecord, options: GenerationOptions, model: str | None = None) -> tuple[dict[str, Any], UsageMetadata]:
+    def _metadata(
+        self, record: GuardRecord, decision: Any, options: GenerationOptions, model: str | None = None
+    ) -> tuple[dict[str, Any], UsageMetadata]:
         finish = "length" if record.output_tokens >= options.max_new_tokens else "stop"
-        metadata = {METADATA_KEY: record.model_dump(), "model_name": model or self.model, "finish_reason": finish}
+        metadata = {METADATA_KEY: decision.summary(), GENERATION_KEY: record.generation(), "model_name": model or self.model,
+                    "finish_reason": finish}
         usage = UsageMetadata(
             input_tokens=record.input_tokens, output_tokens=record.output_tokens, total_tokens=record.input_tokens + record.output_tokens
         )
@@ -254,9 +262,9 @@ class ChatGuardAlign(BaseChatModel):
             return ChatResult(generations=[ChatGeneration(message=self._refuse(decision))])
         model = extra.pop("model", None)
         result = self._pipeline_for(model).generate(checked, options=options, calibration=self.calibration, **extra)
-        metadata, usage = self._metadata(result.record, options, model)
+        metadata, usage = self._metadata(result.record, decision, options, model)
         message = AIMessage(content=result.text, response_metadata=metadata, usage_metadata=usage)
-        return ChatResult(generations=[ChatGeneration(message=message)], llm_output={METADATA_KEY: result.record.model_dump()})
+        return ChatResult(generations=[ChatGeneration(message=message)], llm_output={METADATA_KEY: decision.summary()})
 
     def _stream(
         self,
@@ -282,7 +290,7 @@ class ChatGuardAlign(BaseChatModel):
         finally:
             deltas.close()  # a consumer that stops early cancels the generation
         assert stream.record is not None  # set once the deltas are exhausted
-        metadata, usage = self._metadata(stream.record, options, model)
+        metadata, usage = self._metadata(stream.record, decision, options, model)
         yield ChatGenerationChunk(
             message=AIMessageChunk(content="", response_metadata=metadata, usage_metadata=usage, chunk_position="last")
         )

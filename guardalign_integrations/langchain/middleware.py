@@ -10,6 +10,7 @@ raises, as configured. Needs the ``agents`` extra (``langchain>=1``).
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
@@ -27,7 +28,7 @@ from typing_extensions import NotRequired
 
 from guardalign_core.config import GuardConfig
 
-from ._messages import merge_system_text, refusal_message
+from ._messages import merge_system_text, prepend_text, refusal_message, role_of
 from .guard import (
     DEFAULT_REFUSAL,
     METADATA_KEY,
@@ -87,18 +88,32 @@ class GuardAlignMiddleware(AgentMiddleware[GuardAlignState, Any, Any]):
         self.on_block = on_block
         self.refusal = refusal
 
-    def _request(self, request: ModelRequest, guarded: GuardedRequest) -> ModelRequest:
-        """The request with sanitised messages and, when planned, the safety prompt."""
+    def _messages(self, request: ModelRequest) -> list[Any]:
+        """What the model will see, system message included (its images are screened too)."""
+        return [request.system_message, *request.messages] if request.system_message is not None else list(request.messages)
+
+    def _request(self, request: ModelRequest, guarded: GuardedRequest) -> tuple[ModelRequest, GuardedRequest]:
+        """The request with sanitised messages and, when planned, the safety prompt; and the prefix to keep."""
         messages = list(guarded.messages or [])
-        system = request.system_message
-        safety = guarded.decision.safety_prompt
-        if safety.applied:
-            text = safety.system_text()
-            if text:
-                system = merge_system_text(system, text)
-            if safety.prefill:
-                messages.append(AIMessage(content=safety.prefill))
-        return request.override(messages=messages, system_message=system)
+        system = messages.pop(0) if request.system_message is not None else None
+        delivery = guarded.decision.safety_prompt.delivery(role_of(messages[-1]) if messages else None)
+        if delivery.system_text:
+            system = merge_system_text(system, delivery.system_text)
+        if delivery.prefill:
+            messages.append(AIMessage(content=delivery.prefill))
+        return request.override(messages=messages, system_message=system), replace(guarded, delivery=delivery)
+
+    @staticmethod
+    def _with_prefix(response: ModelResponse, guarded: GuardedRequest) -> ModelResponse:
+        """Put a prefilled prefix back at the start of the answer, as GuardedChatModel does."""
+        if not guarded.delivery.prefill:
+            return response
+        result = list(response.result)
+        for i, message in enumerate(result):
+            if isinstance(message, AIMessage):
+                result[i] = prepend_text(message, guarded.kept_prefix(message))
+                break
+        return ModelResponse(result=result, structured_response=response.structured_response)
 
     def _blocked(self, guarded: GuardedRequest, update: dict[str, Any]) -> ExtendedModelResponse:
         if self.on_block == "raise":
@@ -110,22 +125,22 @@ class GuardAlignMiddleware(AgentMiddleware[GuardAlignState, Any, Any]):
         self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
     ) -> ExtendedModelResponse:
         """Guard the request, then call the model with the sanitised copy (or refuse)."""
-        guarded = self.guard.sanitize(request.messages, safety_prompt=False)
+        guarded = self.guard.sanitize(self._messages(request), safety_prompt=False)
         emit_decision_in_context(guarded.decision)
         update = {STATE_KEY: [guarded.decision.summary()]}
         if guarded.blocked:
             return self._blocked(guarded, update)
-        response = handler(self._request(request, guarded))
-        return ExtendedModelResponse(model_response=response, command=Command(update=update))
+        sanitised, kept = self._request(request, guarded)
+        return ExtendedModelResponse(model_response=self._with_prefix(handler(sanitised), kept), command=Command(update=update))
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
     ) -> ExtendedModelResponse:
         """Async :meth:`wrap_model_call`; the scan runs off the event loop."""
-        guarded = await self.guard.asanitize(request.messages, safety_prompt=False)
+        guarded = await self.guard.asanitize(self._messages(request), safety_prompt=False)
         await aemit_decision_in_context(guarded.decision)
         update = {STATE_KEY: [guarded.decision.summary()]}
         if guarded.blocked:
             return self._blocked(guarded, update)
-        response = await handler(self._request(request, guarded))
-        return ExtendedModelResponse(model_response=response, command=Command(update=update))
+        sanitised, kept = self._request(request, guarded)
+        return ExtendedModelResponse(model_response=self._with_prefix(await handler(sanitised), kept), command=Command(update=update))

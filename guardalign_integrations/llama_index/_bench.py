@@ -97,6 +97,7 @@ def bench_postprocessor(
 
     from guardalign_core.config import GuardConfig
     from guardalign_core.guard import ImageGuard
+    from guardalign_core.images import ImageLimits
     from guardalign_core.testing.tiny_clip import save_tiny_clip_checkpoint, tiny_detector_config
 
     from .postprocessor import GuardAlignImagePostprocessor
@@ -105,7 +106,9 @@ def bench_postprocessor(
     with tempfile.TemporaryDirectory(prefix="guardalign-bench-") as tmp:
         checkpoint = save_tiny_clip_checkpoint(Path(tmp) / "tiny.pt", seed=seed)
         overrides = {"threshold": threshold} if threshold is not None else {}
-        config = GuardConfig(detector=tiny_detector_config(checkpoint, cache_dir=str(Path(tmp) / "cache"), **overrides))
+        # One query's retrieved images form one request: the per-request budget must admit all n.
+        config = GuardConfig(detector=tiny_detector_config(checkpoint, cache_dir=str(Path(tmp) / "cache"), **overrides),
+                             images=ImageLimits(max_images=max(n, ImageLimits().max_images)))
         guard = ImageGuard(config)
         # Every timed run must scan: no reuse of verdicts on images seen in an earlier run.
         screen = GuardAlignImagePostprocessor(guard=guard, reuse_checked=False)

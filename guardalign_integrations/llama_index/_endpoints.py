@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncGenerator, Callable, ClassVar, Generator, Literal, NamedTuple, Sequence, TypeVar, Union
+from typing import Any, AsyncGenerator, Callable, ClassVar, Generator, Literal, Sequence, TypeVar, Union
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -27,22 +27,15 @@ from llama_index.core.base.llms.types import (
 
 from guardalign_core.config import GuardConfig, PolicyConfig
 from guardalign_core.errors import GuardAlignViolation
-from guardalign_core.guard import GuardDecision, ImageGuard
-from guardalign_core.images import ImageSource
+from guardalign_core.guard import ImageGuard
+from guardalign_core.screening import ContentImage
+from guardalign_core.verdicts import RequestVerdict, SafetyDelivery
 
-from ._messages import (
-    apply_safety_prompt,
-    apply_safety_to_prompt,
-    blocked_reason,
-    find_image_blocks,
-    image_block_source,
-    prepend_text,
-    replace_image_blocks,
-)
+from ._messages import FoundBlock, apply_safety_prompt, apply_safety_to_prompt, find_images, prepend_text, write_back
 from .events import Component, dispatch_decision_events
 
-GuardSpec = Union[str, Path, GuardConfig, None]
-"""A preset name, a YAML/JSON config file, a :class:`GuardConfig`, or ``None`` (defaults)."""
+GuardSpec = Union[str, Path, GuardConfig, dict, ImageGuard, None]
+"""A preset name, a YAML/JSON config file, a :class:`GuardConfig` (or its dict), a core :class:`ImageGuard`, or ``None`` (defaults)."""
 
 METADATA_KEY = "guardalign"
 """Key of the decision summary in responses' ``additional_kwargs`` and in node metadata."""
@@ -53,58 +46,57 @@ _T = TypeVar("_T")
 def build_guard(
     config: GuardSpec = None,
     *,
-    guard: ImageGuard | None = None,
+    guard: GuardSpec = None,
     action: Literal["mask", "block", "flag"] | None = None,
     fail_open: bool | None = None,
 ) -> ImageGuard:
-    """Build (or take) the :class:`ImageGuard` an adapter uses, with policy shortcuts applied.
+    """Build (or take) the :class:`ImageGuard` an adapter uses, with policy shortcuts applied; fails now, not at the first image.
 
     Args:
-        config: a preset name, config file or :class:`GuardConfig` (default: the defaults).
-        guard: an existing guard to share (its CLIP is loaded once per process anyway).
-        action: overrides ``config.policy.action`` (``mask``, ``block`` or ``flag``).
-        fail_open: overrides ``config.policy.fail_open``.
+        config: what builds the guard (the positional form of ``guard``).
+        guard: a core :class:`ImageGuard` to share, or what builds one: a preset name, a
+            config file, a :class:`GuardConfig` or its dict (what the LangChain side accepts).
+        action: overrides the policy's ``action`` (``mask``, ``block`` or ``flag``).
+        fail_open: overrides the policy's ``fail_open``.
 
     Raises:
-        ValueError: both ``config`` and ``guard`` given, a policy shortcut given with a
-            ``guard`` (set the policy in that guard's config instead), or an invalid value.
+        ValueError: both ``config`` and ``guard`` given, a policy shortcut given with a built
+            guard (set the policy in that guard's config instead), an unknown preset, a missing
+            file or an invalid field. TypeError: anything else.
     """
+    if config is not None and guard is not None:
+        raise ValueError("guard: pass the guard either positionally or as guard=, not both")
+    spec = guard if guard is not None else config
     overrides = {k: v for k, v in (("action", action), ("fail_open", fail_open)) if v is not None}
-    if guard is not None:
-        if config is not None:
-            raise ValueError("config: pass either config or guard, not both")
+    if isinstance(spec, ImageGuard):
         if overrides:
             raise ValueError(f"{', '.join(overrides)}: set the policy in the config of the guard you pass")
-        return guard
-    built = ImageGuard(config)
+        return spec
+    if spec is not None and not isinstance(spec, (str, Path, GuardConfig, dict)):
+        raise TypeError(f"guard: expected a preset name, a config file, a GuardConfig or an ImageGuard, got {type(spec).__name__}")
+    built = ImageGuard(spec)
     if overrides:
         policy = PolicyConfig.model_validate({**built.config.policy.model_dump(), **overrides})
         built.config = built.config.model_copy(update={"policy": policy})
     return built
 
 
-class CheckedSources(NamedTuple):
-    """One request's images through the guard: the decision and, per image, what to forward."""
-
-    decision: GuardDecision
-    pngs: list[bytes | None]
-    """The sanitised PNG of a masked image, else ``None``."""
-    contents: list[bytes | None]
-    """The exact bytes that were checked (``None``: a remote URL, read by the detector itself)."""
-
-
 @dataclass(frozen=True)
 class GuardedRequest:
-    """One screened request: what to forward, the decision, and the prefix to keep in the output."""
+    """One screened request: what to forward, the verdict, and how the safety prompt was delivered."""
 
-    decision: GuardDecision
+    decision: RequestVerdict
     messages: list[ChatMessage] = field(default_factory=list)
-    kept_prefix: str = ""
+    delivery: SafetyDelivery = SafetyDelivery(None, None)
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def blocked(self) -> bool:
         return self.decision.blocked
+
+    def kept_prefix(self, answer_start: str) -> str:
+        """What to put before the answer so it starts with the prefill (``""`` without one)."""
+        return self.decision.safety_prompt.kept_prefix(self.delivery, answer_start or " ")
 
 
 def _map_stream(gen: Any, fn: Callable[[Any, bool], _T]) -> Generator[_T, None, None]:
@@ -133,90 +125,93 @@ async def _aone(item: _T) -> AsyncGenerator[_T, None]:
 class GuardedEndpoints:
     """Screening, block handling and response annotation shared by the guarded LLM classes.
 
-    A plain mixin for pydantic models that define ``on_block``, ``refusal_text`` and a
-    private ``_guard``; ``_component`` names the adapter in decision events.
+    A plain mixin for pydantic models that define ``on_block``, ``refusal``,
+    ``allow_block_types``, ``reuse_checked`` and a private ``_guard``; ``_component`` names the
+    adapter in decision events.
     """
 
     _component: ClassVar[Component] = "llm"
     _guard: ImageGuard
     on_block: Literal["refuse", "raise"]
-    refusal_text: str
+    refusal: str
     reuse_checked: bool
+    allow_block_types: tuple[str, ...]
 
     @property
     def guard(self) -> ImageGuard:
         """The :class:`ImageGuard` (its config, detector and policy) this adapter uses."""
         return self._guard
 
+    @property
+    def refusal_text(self) -> str:
+        """Former name of :attr:`refusal`."""
+        return self.refusal
+
     def _system_role(self) -> MessageRole:
         return MessageRole.SYSTEM
 
     # -- screening ---------------------------------------------------------------------------
-    def _check_sources(self, images: Sequence[ImageSource], labels: Sequence[str]) -> CheckedSources:
-        """Scan one request's images in one batch, decide, and send one decision event per image.
+    def _verdict(self, images: Sequence[ContentImage]) -> RequestVerdict:
+        """The one screening step for this request's images, plus one decision event per image."""
+        verdict = self._guard.screen(images, reuse=self.reuse_checked)
+        if verdict.images:
+            dispatch_decision_events(verdict.images, component=self._component, request=verdict.summary())
+        return verdict
 
-        Returns the decision and, per image, the sanitised PNG when it was masked and the
-        exact bytes that were checked (forward those, never a second read of the source).
-        Images the guard already checked or sanitised are reused (see :meth:`ImageGuard.scan`).
-        """
-        scanned = self._guard.scan_checked(images, sources=labels, reuse=self.reuse_checked)
-        decision = self._guard.decide(scanned.results)
-        if decision.results:
-            dispatch_decision_events(decision.results, component=self._component, request=decision.summary())
-        return CheckedSources(decision, scanned.pngs, scanned.contents)
+    def _find(self, messages: Sequence[ChatMessage]) -> list[FoundBlock]:
+        return find_images(messages, allow_block_types=self.allow_block_types)
 
-    def _request(self, decision: GuardDecision, messages: list[ChatMessage]) -> GuardedRequest:
-        safety = decision.safety_prompt
-        keep = safety.prefill if safety.prefill and self._guard.config.prefix.keep_in_output else ""
-        return GuardedRequest(decision=decision, messages=messages, kept_prefix=keep or "", summary=decision.summary())
+    def _request(self, decision: RequestVerdict, messages: list[ChatMessage], delivery: SafetyDelivery = SafetyDelivery(None, None)) -> GuardedRequest:
+        return GuardedRequest(decision=decision, messages=messages, delivery=delivery, summary=decision.summary())
 
     def _screen(self, messages: Sequence[ChatMessage]) -> GuardedRequest:
-        """Scan, sanitise and add the safety prompt: the messages the inner model may see."""
-        refs = find_image_blocks(messages)
-        decision, pngs, contents = self._check_sources([image_block_source(r.block) for r in refs], [r.label for r in refs])
+        """Screen, sanitise and add the safety prompt: the messages the inner model may see."""
+        found = self._find(messages)
+        decision = self._verdict([f.image for f in found])
         if decision.blocked:
             return self._request(decision, list(messages))
-        sanitised = replace_image_blocks(messages, refs, decision.results, pngs, contents)
-        return self._request(decision, apply_safety_prompt(sanitised, decision.safety_prompt, system_role=self._system_role()))
+        sanitised = write_back(messages, found, decision) if found else list(messages)
+        sanitised, delivery = apply_safety_prompt(sanitised, decision.safety_prompt, system_role=self._system_role())
+        return self._request(decision, sanitised, delivery)
 
     async def _ascreen(self, messages: Sequence[ChatMessage]) -> GuardedRequest:
         """:meth:`_screen` with the CPU-heavy scan off the event loop (text-only requests stay inline)."""
-        if not find_image_blocks(messages):
+        if not self._find(messages):
             return self._screen(messages)
         return await asyncio.to_thread(self._screen, messages)
 
-    def check(self, messages: Sequence[ChatMessage]) -> GuardDecision:
-        """Check-only: scan a request's images and return the decision; no model is called.
+    def check(self, messages: Sequence[ChatMessage]) -> RequestVerdict:
+        """Check-only: screen a request's images and return the verdict; no model is called.
 
         Example:
-            >>> decision = guarded.check([ChatMessage(role="user", blocks=[ImageBlock(path="x.png")])])  # doctest: +SKIP
+            >>> decision = guarded.check([ChatMessage(role="user", blocks=[ImageBlock(image=png)])])  # doctest: +SKIP
             >>> decision.decision, [r.source for r in decision.results]  # doctest: +SKIP
             (<Decision.ALLOW: 'allow'>, ['messages[0].blocks[0]'])
         """
         return self._screen(messages).decision
 
-    async def acheck(self, messages: Sequence[ChatMessage]) -> GuardDecision:
+    async def acheck(self, messages: Sequence[ChatMessage]) -> RequestVerdict:
         """Async :meth:`check` (the scan runs in a worker thread)."""
         return (await self._ascreen(messages)).decision
 
     def _text_only(self, prompt: str) -> tuple[str, GuardedRequest]:
         """A completion prompt has no images: only the prefix policy applies (``always``)."""
-        decision = self._guard.decide([])
+        decision = self._guard.screen([])
         return apply_safety_to_prompt(prompt, decision.safety_prompt), self._request(decision, [])
 
     # -- blocked requests --------------------------------------------------------------------
     def _raise_if_configured(self, request: GuardedRequest) -> None:
         if self.on_block == "raise":
-            raise GuardAlignViolation(blocked_reason(request.decision), request.decision)
+            raise GuardAlignViolation(request.decision.blocked_reason(), request.decision)
 
     def _refusal_chat(self, request: GuardedRequest) -> ChatResponse:
         self._raise_if_configured(request)
-        message = ChatMessage(role=MessageRole.ASSISTANT, content=self.refusal_text)
-        return ChatResponse(message=message, delta=self.refusal_text, additional_kwargs={METADATA_KEY: request.summary})
+        message = ChatMessage(role=MessageRole.ASSISTANT, content=self.refusal)
+        return ChatResponse(message=message, delta=self.refusal, additional_kwargs={METADATA_KEY: request.summary})
 
     def _refusal_completion(self, request: GuardedRequest) -> CompletionResponse:
         self._raise_if_configured(request)
-        return CompletionResponse(text=self.refusal_text, delta=self.refusal_text, additional_kwargs={METADATA_KEY: request.summary})
+        return CompletionResponse(text=self.refusal, delta=self.refusal, additional_kwargs={METADATA_KEY: request.summary})
 
     # -- responses ---------------------------------------------------------------------------
     @staticmethod
@@ -227,10 +222,11 @@ class GuardedEndpoints:
         (only the first chunk's delta gets the prefix; every chunk's cumulative message does).
         """
         update: dict[str, Any] = {"additional_kwargs": {**response.additional_kwargs, METADATA_KEY: request.summary}}
-        if request.kept_prefix:
-            update["message"] = prepend_text(response.message, request.kept_prefix)
+        kept = request.kept_prefix(response.message.content or "") if request.delivery.prefill else ""
+        if kept:
+            update["message"] = prepend_text(response.message, kept)
             if first:
-                update["delta"] = request.kept_prefix + (response.delta or "")
+                update["delta"] = kept + (response.delta or "")
         return response.model_copy(update=update)
 
     @staticmethod
@@ -238,10 +234,11 @@ class GuardedEndpoints:
         response: CompletionResponse, request: GuardedRequest, first: bool | None = None
     ) -> CompletionResponse:
         update: dict[str, Any] = {"additional_kwargs": {**response.additional_kwargs, METADATA_KEY: request.summary}}
-        if request.kept_prefix:
-            update["text"] = request.kept_prefix + response.text
+        kept = request.kept_prefix(response.text or "") if request.delivery.prefill else ""
+        if kept:
+            update["text"] = kept + response.text
             if first:
-                update["delta"] = request.kept_prefix + (response.delta or "")
+                update["delta"] = kept + (response.delta or "")
         return response.model_copy(update=update)
 
     def _chat_stream(self, gen: ChatResponseGen, request: GuardedRequest) -> ChatResponseGen:

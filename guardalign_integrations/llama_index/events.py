@@ -23,7 +23,7 @@ from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.base import BaseEvent
 
-from guardalign_core.results import ScanResult
+from guardalign_core.verdicts import ImageVerdict
 
 dispatcher = get_dispatcher(__name__)
 
@@ -45,7 +45,7 @@ class GuardAlignDecisionEvent(BaseEvent):
         status: ``ok``, or ``error`` when the image could not be checked.
         unsafe: whether any patch scored at or under the threshold.
         reason: what was found, without echoing the input.
-        result: the full per-image summary (:meth:`ScanResult.summary`): score, threshold,
+        result: the full per-image summary (:meth:`ImageVerdict.summary`, the per-image part of the one verdict summary): score, threshold,
             categories, number of unsafe patches, error.
         request: the request-level summary (combined decision, policy, whether the safety
             prefix was applied; without the per-image list); ``None`` for the postprocessor.
@@ -68,7 +68,7 @@ class GuardAlignDecisionEvent(BaseEvent):
 
 
 def dispatch_decision_events(
-    results: Sequence[ScanResult],
+    results: Sequence[ImageVerdict],
     *,
     component: Component,
     request: dict[str, Any] | None = None,
@@ -77,7 +77,7 @@ def dispatch_decision_events(
     """Send one :class:`GuardAlignDecisionEvent` per scan result; returns the events sent.
 
     Args:
-        results: the per-image results, in order.
+        results: the per-image verdicts, in order.
         component: the adapter that checked them.
         request: the request-level summary to attach (its ``images`` list is dropped).
         node_ids: node ids aligned with ``results`` (postprocessor).
@@ -86,7 +86,8 @@ def dispatch_decision_events(
         raise ValueError(f"node_ids: got {len(node_ids)} ids for {len(results)} results")
     request_view = {k: v for k, v in request.items() if k != "images"} if request is not None else None
     events = []
-    for position, result in enumerate(results):
+    for position, entry in enumerate(results):
+        result = entry.result
         event = GuardAlignDecisionEvent(
             component=component,
             index=result.index,
@@ -96,7 +97,7 @@ def dispatch_decision_events(
             status=result.status.value,
             unsafe=result.unsafe,
             reason=result.reason,
-            result=result.summary(),
+            result=entry.summary(),
             request=request_view,
         )
         dispatcher.event(event)

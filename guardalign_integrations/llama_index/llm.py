@@ -13,6 +13,8 @@ The screening and response plumbing (:class:`~._endpoints.GuardedEndpoints`) is 
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -90,7 +92,10 @@ class GuardAlignLLM(GuardedEndpoints, LLM):
     on_block: Literal["refuse", "raise"] = Field(
         "refuse", description="On a blocked request: return a refusal ('refuse') or raise GuardAlignViolation ('raise')."
     )
-    refusal_text: str = Field(DEFAULT_REFUSAL, description="The assistant text returned for a blocked request.")
+    refusal: str = Field(DEFAULT_REFUSAL, description="The assistant text returned for a blocked request (same name as the LangChain adapters').")
+    allow_block_types: tuple[str, ...] = Field(
+        (), description="Block types forwarded unscreened although they may carry images (default deny), e.g. ('DocumentBlock',) for PDFs."
+    )
     reuse_checked: bool = Field(
         True, description="Do not rescan inline images this guard already checked or sanitised (chat history, RAG postprocessor output)."
     )
@@ -107,17 +112,21 @@ class GuardAlignLLM(GuardedEndpoints, LLM):
         llm: LLM,
         config: GuardSpec = None,
         *,
-        guard: ImageGuard | None = None,
+        guard: GuardSpec = None,
         action: Literal["mask", "block", "flag"] | None = None,
         fail_open: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        if "refusal_text" in kwargs:
+            warnings.warn("refusal_text is renamed refusal (as in the LangChain adapters)", DeprecationWarning, stacklevel=2)
+            kwargs["refusal"] = kwargs.pop("refusal_text")
+        built = build_guard(config, guard=guard, action=action, fail_open=fail_open)  # fails here, not at the first image
         if not isinstance(llm, LLM):
             hint = " (use GuardAlignMultiModalLLM for a legacy MultiModalLLM)" if not isinstance(llm, BaseLLM) else ""
             raise TypeError(f"llm: expected a LlamaIndex LLM, got {type(llm).__name__}{hint}")
         kwargs.setdefault("system_prompt", llm.system_prompt)
         super().__init__(llm=llm, **kwargs)
-        self._guard = build_guard(config, guard=guard, action=action, fail_open=fail_open)
+        self._guard = built
 
     @classmethod
     def class_name(cls) -> str:

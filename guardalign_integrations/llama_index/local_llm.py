@@ -11,6 +11,8 @@ same checkpoint. Token counts are in ``raw["usage"]`` (read by LlamaIndex's
 
 from __future__ import annotations
 
+import warnings
+
 import asyncio
 import threading
 from pathlib import Path
@@ -24,39 +26,27 @@ from llama_index.core.base.llms.types import (
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
-    ImageBlock,
     LLMMetadata,
     MessageRole,
-    TextBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM
-from PIL import Image
 
 from guardalign_core.calibration import CalibrationConfig
 from guardalign_core.config import PrefixConfig
-from guardalign_core.errors import ImageError
 from guardalign_core.guard import ImageGuard
-from guardalign_core.images import load_image
 from guardalign_core.lvlm import GenerationOptions, LocalLVLM, get_local_lvlm
-from guardalign_core.pipeline import CheckedRequest, GuardAlignPipeline, GuardRecord
-from guardalign_core.results import Decision, ScanResult, Status
+from guardalign_core.pipeline import CheckedRequest, GuardAlignPipeline, GuardRecord, to_checked_request
 
-from ._messages import DEFAULT_REFUSAL, find_image_blocks, image_block_source
+from ._messages import DEFAULT_REFUSAL, hf_turns
 from ._endpoints import METADATA_KEY, GuardedEndpoints, GuardedRequest, GuardSpec, build_guard
 
-__all__ = ["GuardAlignLocalLLM"]
+__all__ = ["GENERATION_KEY", "GuardAlignLocalLLM"]
 
-_ROLES = {
-    MessageRole.SYSTEM: "system",
-    MessageRole.DEVELOPER: "system",
-    MessageRole.USER: "user",
-    MessageRole.ASSISTANT: "assistant",
-    MessageRole.MODEL: "assistant",  # Gemini's name for the assistant
-    MessageRole.CHATBOT: "assistant",  # Cohere's
-}
-_TOOL_ROLES = (MessageRole.TOOL, MessageRole.FUNCTION)  # user turns, labelled as tool results
+GENERATION_KEY = "guardalign_generation"
+"""Key of the generation record (prefix, calibration, tokens, timings); ``"guardalign"`` holds the one verdict summary."""
+
 _T = TypeVar("_T")
 _U = TypeVar("_U")
 
@@ -122,7 +112,10 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
     generate_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for model.generate.")
     context_window: int = Field(4096, gt=0, description="Reported in metadata for LlamaIndex's prompt packing.")
     on_block: Literal["refuse", "raise"] = Field("refuse", description="On a blocked request: a refusal answer, or raise GuardAlignViolation.")
-    refusal_text: str = Field(DEFAULT_REFUSAL, description="The assistant text returned for a blocked request.")
+    refusal: str = Field(DEFAULT_REFUSAL, description="The assistant text returned for a blocked request (same name as the LangChain adapters').")
+    allow_block_types: tuple[str, ...] = Field(
+        (), description="Block types forwarded unscreened although they may carry images (default deny), e.g. ('DocumentBlock',) for PDFs."
+    )
     reuse_checked: bool = Field(True, description="Do not rescan inline images this guard already checked or sanitised.")
 
     _guard: ImageGuard = PrivateAttr()
@@ -132,13 +125,17 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
         model: str | Path,
         config: GuardSpec = None,
         *,
-        guard: ImageGuard | None = None,
+        guard: GuardSpec = None,
         action: Literal["mask", "block", "flag"] | None = None,
         fail_open: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        if "refusal_text" in kwargs:
+            warnings.warn("refusal_text is renamed refusal (as in the LangChain adapters)", DeprecationWarning, stacklevel=2)
+            kwargs["refusal"] = kwargs.pop("refusal_text")
+        built = build_guard(config, guard=guard, action=action, fail_open=fail_open)  # fails here, not at the first image
         super().__init__(model=str(model), **kwargs)
-        self._guard = build_guard(config, guard=guard, action=action, fail_open=fail_open)
+        self._guard = built
 
     @classmethod
     def class_name(cls) -> str:
@@ -165,7 +162,7 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
         Nothing is cached on the adapter, so ``model_copy(update=...)`` and ``copy.deepcopy``
         give adapters that use their own settings; the weights stay shared.
         """
-        return GuardAlignPipeline(self.lvlm, self._guard, prefix=self.prefix, refusal=self.refusal_text)
+        return GuardAlignPipeline(self.lvlm, self._guard, prefix=self.prefix, refusal=self.refusal)
 
     @property
     def is_loaded(self) -> bool:
@@ -174,65 +171,17 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
 
     # -- request -> local model ------------------------------------------------------------
     def _screen_local(self, messages: Sequence[ChatMessage]) -> tuple[GuardedRequest, CheckedRequest | None]:
-        """Scan (one batch, events) and decide; when not blocked, the request in the runner's format.
+        """Screen (one batch, events) and decide; when not blocked, the request in the runner's format.
 
-        The model gets the pixels the guard checked (masked or not), not a second read of the
-        source; an image whose verdict was reused (no pixels in its result) is decoded from
-        the bytes that were checked (or its stored sanitised PNG), never from its path or URL.
+        The model gets the pixels the guard checked (masked or not), decoded at most once, never
+        a second read of the source; what may not be shown (blocked, or unchecked) is left out.
         """
-        refs = find_image_blocks(messages)
-        decision, pngs, contents = self._check_sources([image_block_source(r.block) for r in refs], [r.label for r in refs])
-        request = GuardedRequest(decision=decision, summary=decision.summary())
+        found = self._find(messages)
+        decision = self._verdict([f.image for f in found])
+        request = self._request(decision, [])
         if decision.blocked:
             return request, None
-        index_of = {(r.message_index, r.block_index): i for i, r in enumerate(refs)}
-        hf: list[dict[str, Any]] = []
-        images: list[Image.Image] = []
-        for m, message in enumerate(messages):
-            parts: list[dict[str, Any]] = []
-            if message.role in _TOOL_ROLES:
-                parts.append({"type": "text", "text": "Result of a tool call:\n"})
-            for b, block in enumerate(message.blocks):
-                if isinstance(block, ImageBlock):
-                    i = index_of[(m, b)]
-                    result = decision.results[i]
-                    if result.decision == Decision.BLOCK:
-                        continue  # never forwarded
-                    image = self._checked_pixels(result, pngs[i], contents[i], block)
-                    if image is not None:
-                        images.append(image)
-                        parts.append({"type": "image"})
-                    continue
-                if isinstance(block, TextBlock) and block.text:
-                    parts.append({"type": "text", "text": block.text})
-            if parts:
-                hf.append({"role": _ROLES.get(message.role, "user"), "content": parts})
-        return request, CheckedRequest(hf, images, decision)
-
-    def _checked_pixels(
-        self, result: ScanResult, png: bytes | None, content: bytes | None, block: ImageBlock
-    ) -> Image.Image | None:
-        """The image for the model: the guard's pixels, else (a reused verdict) what was checked, decoded.
-
-        A reused verdict carries no pixels: its stored sanitised PNG (masked), else the exact
-        bytes that were checked, are decoded; the source is not read again (a file may have
-        changed since its check, a block may carry a second, unchecked source). Only an image
-        let through unchecked by ``fail_open`` is decoded as it came. ``None`` when that
-        cannot be decoded (the model sees nothing of it; the decision says ``status: error``),
-        and for a checked image with nothing checked left to decode (never expected).
-        """
-        if result.masked_image is not None:
-            return result.masked_image
-        limits = self._guard.config.images
-        data = png if png is not None else content
-        try:
-            if data is not None:
-                return load_image(data, limits)
-            if result.status != Status.OK:
-                return load_image(image_block_source(block), limits)  # unchecked under fail_open: as it came
-        except ImageError:
-            return None
-        return None
+        return request, to_checked_request(hf_turns(messages, found), decision)
 
     def _options(self, kwargs: dict[str, Any]) -> tuple[GenerationOptions, dict[str, Any]]:
         """Decoding options and the extra ``model.generate`` keywords, validated (before any scan).
@@ -242,20 +191,9 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
         """
         extra = {**self.generate_kwargs, **kwargs}
         extra.pop("formatted", None)
-        stop = extra.pop("stop", None)
-        if stop is None:
-            stop = self.stop
-        elif isinstance(stop, str):
-            stop = [stop]
-        options = GenerationOptions(
-            max_new_tokens=extra.pop("max_new_tokens", extra.pop("max_tokens", self.max_new_tokens)),
-            temperature=extra.pop("temperature", self.temperature),
-            top_p=extra.pop("top_p", self.top_p),
-            stop=list(stop),
-            seed=extra.pop("seed", self.seed),
-        )
-        LocalLVLM.check_generate_kwargs(extra)
-        return options, extra
+        defaults = GenerationOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                     stop=list(self.stop), seed=self.seed)
+        return GenerationOptions.from_call(defaults, extra)
 
     @staticmethod
     def _usage(record: GuardRecord) -> dict[str, int]:
@@ -265,11 +203,12 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
             "total_tokens": record.input_tokens + record.output_tokens,
         }
 
-    def _extras(self, record: GuardRecord) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(raw, additional_kwargs) of a finished answer: the guard record and the token counts."""
+    def _extras(self, record: GuardRecord, request: GuardedRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(raw, additional_kwargs) of a finished answer: the one verdict summary, the generation record, the token counts."""
         usage = self._usage(record)
-        full = record.model_dump()
-        return {"usage": usage, METADATA_KEY: full, "model": self.model}, {METADATA_KEY: full, **usage}
+        generation = record.generation()
+        raw = {"usage": usage, METADATA_KEY: request.summary, GENERATION_KEY: generation, "model": self.model}
+        return raw, {METADATA_KEY: request.summary, GENERATION_KEY: generation, **usage}
 
     def _chat_local(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
         options, extra = self._options(kwargs)
@@ -277,7 +216,7 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
         if checked is None:
             return self._refusal_chat(request)
         result = self.pipeline.generate(checked, options=options, calibration=self.calibration, **extra)
-        raw, additional = self._extras(result.record)
+        raw, additional = self._extras(result.record, request)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=raw, additional_kwargs=additional)
 
     def _stream_local(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> Iterator[ChatResponse]:
@@ -304,7 +243,7 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
             if close is not None:
                 close()  # the consumer stopped early (or it is done): the generation stops
         assert stream.record is not None  # complete once the deltas are exhausted
-        raw, additional = self._extras(stream.record)
+        raw, additional = self._extras(stream.record, request)
         yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta="", raw=raw, additional_kwargs=additional)
 
     def _prompt_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:

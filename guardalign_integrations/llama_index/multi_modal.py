@@ -9,6 +9,8 @@ sent as image blocks of one user message).
 
 from __future__ import annotations
 
+import warnings
+
 import asyncio
 from typing import Any, ClassVar, Literal, Sequence, Union
 
@@ -28,7 +30,7 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, SerializeAsAny
 from llama_index.core.constants import DEFAULT_NUM_INPUT_FILES
 from llama_index.core.multi_modal_llms.base import MultiModalLLM, MultiModalLLMMetadata
-from llama_index.core.schema import ImageNode
+from llama_index.core.schema import BaseNode, ImageNode
 
 from guardalign_core.guard import ImageGuard
 
@@ -36,14 +38,15 @@ from ._messages import (
     DEFAULT_REFUSAL,
     apply_safety_prompt,
     apply_safety_to_prompt,
-    image_document_source,
+    forwarded_node,
     image_document_to_block,
-    replace_image_documents,
+    node_image,
 )
 from .events import Component
 from ._endpoints import GuardedEndpoints, GuardedRequest, GuardSpec, _amap_stream, _aone, _map_stream, _one, build_guard
 
-ImageDocument = Union[ImageNode, ImageBlock]
+ImageDocument = Union[ImageNode, BaseNode, ImageBlock]
+"""A legacy image document: an ``ImageNode``, LlamaIndex's own ``ImageDocument`` (any node with an ``image_resource``), or an ``ImageBlock``."""
 
 
 def _as_completion(response: ChatResponse) -> CompletionResponse:
@@ -84,7 +87,10 @@ class GuardAlignMultiModalLLM(GuardedEndpoints, MultiModalLLM):
     on_block: Literal["refuse", "raise"] = Field(
         "refuse", description="On a blocked request: return a refusal ('refuse') or raise GuardAlignViolation ('raise')."
     )
-    refusal_text: str = Field(DEFAULT_REFUSAL, description="The assistant text returned for a blocked request.")
+    refusal: str = Field(DEFAULT_REFUSAL, description="The assistant text returned for a blocked request (same name as the LangChain adapters').")
+    allow_block_types: tuple[str, ...] = Field(
+        (), description="Block types forwarded unscreened although they may carry images (default deny), e.g. ('DocumentBlock',) for PDFs."
+    )
     reuse_checked: bool = Field(True, description="Do not rescan inline images this guard already checked or sanitised.")
     rate_limiter: Any = Field(
         default=None, exclude=True, description="Read by LlamaIndex's callback decorators (MultiModalLLM lacks it); unused."
@@ -97,15 +103,19 @@ class GuardAlignMultiModalLLM(GuardedEndpoints, MultiModalLLM):
         llm: BaseLLM | MultiModalLLM,
         config: GuardSpec = None,
         *,
-        guard: ImageGuard | None = None,
+        guard: GuardSpec = None,
         action: Literal["mask", "block", "flag"] | None = None,
         fail_open: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        if "refusal_text" in kwargs:
+            warnings.warn("refusal_text is renamed refusal (as in the LangChain adapters)", DeprecationWarning, stacklevel=2)
+            kwargs["refusal"] = kwargs.pop("refusal_text")
+        built = build_guard(config, guard=guard, action=action, fail_open=fail_open)  # fails here, not at the first image
         if not isinstance(llm, (BaseLLM, MultiModalLLM)):
             raise TypeError(f"llm: expected a LlamaIndex LLM or MultiModalLLM, got {type(llm).__name__}")
         super().__init__(llm=llm, **kwargs)
-        self._guard = build_guard(config, guard=guard, action=action, fail_open=fail_open)
+        self._guard = built
 
     @classmethod
     def class_name(cls) -> str:
@@ -133,13 +143,17 @@ class GuardAlignMultiModalLLM(GuardedEndpoints, MultiModalLLM):
 
     # -- legacy image documents --------------------------------------------------------------
     def _screen_documents(self, documents: Sequence[ImageDocument]) -> tuple[GuardedRequest, list[ImageDocument]]:
-        """Scan the documents in one batch; returns the request record and the documents to forward."""
+        """Screen the documents in one batch; returns the request record and the documents to forward."""
         docs = list(documents)
-        decision, pngs, contents = self._check_sources(
-            [image_document_source(d) for d in docs], [f"image_documents[{i}]" for i in range(len(docs))]
-        )
+        for i, doc in enumerate(docs):
+            if not isinstance(doc, (BaseNode, ImageBlock)):
+                raise TypeError(f"image_documents[{i}]: expected an image node, ImageDocument or ImageBlock, got {type(doc).__name__}")
+        decision = self._verdict([node_image(d, f"image_documents[{i}]") for i, d in enumerate(docs)])
         request = self._request(decision, [])
-        return request, (docs if decision.blocked else replace_image_documents(docs, decision.results, pngs, contents))
+        if decision.blocked:
+            return request, docs
+        forwarded = [forwarded_node(d, entry) for d, entry in zip(docs, decision.images)]
+        return request, [d for d in forwarded if d is not None]
 
     async def _ascreen_documents(self, documents: Sequence[ImageDocument]) -> tuple[GuardedRequest, list[ImageDocument]]:
         if not documents:
@@ -150,7 +164,8 @@ class GuardAlignMultiModalLLM(GuardedEndpoints, MultiModalLLM):
         """One user message (sanitised images, then the prompt) plus the safety prompt, for a chat inner model."""
         blocks: list[Any] = [image_document_to_block(d) for d in documents]
         message = ChatMessage(role=MessageRole.USER, blocks=[*blocks, TextBlock(text=prompt)])
-        return apply_safety_prompt([message], request.decision.safety_prompt, system_role=self._system_role())
+        messages, _ = apply_safety_prompt([message], request.decision.safety_prompt, system_role=self._system_role())
+        return messages
 
     def _legacy_prompt(self, prompt: str, request: GuardedRequest) -> str:
         return apply_safety_to_prompt(prompt, request.decision.safety_prompt)

@@ -17,12 +17,12 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 
-from guardalign_core.guard import CheckedScan, ImageGuard
-from guardalign_core.results import ScanResult
+from guardalign_core.guard import ImageGuard
+from guardalign_core.verdicts import RequestVerdict
 
-from ._messages import has_image, node_image_source, node_label, replace_node_image, with_metadata
-from .events import dispatch_decision_events
 from ._endpoints import METADATA_KEY, GuardSpec, build_guard
+from ._messages import forwarded_node, has_image, node_image, node_label, with_metadata
+from .events import dispatch_decision_events
 
 TEXT_NODE_DECISION: dict[str, Any] = {"decision": "allow", "status": "ok", "unsafe": False, "reason": "no image in node"}
 """The metadata recorded on nodes that carry no image (nothing to check)."""
@@ -73,13 +73,14 @@ class GuardAlignImagePostprocessor(BaseNodePostprocessor):
         self,
         config: GuardSpec = None,
         *,
-        guard: ImageGuard | None = None,
+        guard: GuardSpec = None,
         action: Literal["mask", "block", "flag"] | None = None,
         fail_open: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        built = build_guard(config, guard=guard, action=action, fail_open=fail_open)  # fails here, not at the first node
         super().__init__(**kwargs)
-        self._guard = build_guard(config, guard=guard, action=action, fail_open=fail_open)
+        self._guard = built
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
         # Copies share the guard: it holds a lock (not copyable) and the one loaded CLIP.
@@ -96,39 +97,29 @@ class GuardAlignImagePostprocessor(BaseNodePostprocessor):
         """The :class:`ImageGuard` (config, detector, policy) this postprocessor uses."""
         return self._guard
 
-    def scan_nodes(self, nodes: list[BaseNode]) -> tuple[list[ScanResult], list[bytes | None]]:
-        """One batched detector call over the images of ``nodes`` (all must carry one); sends the events.
+    def screen_nodes(self, nodes: list[BaseNode]) -> RequestVerdict:
+        """One screening step over the images of ``nodes`` (one batch); sends one event per node.
 
-        Returns one result per node and, per node, the sanitised PNG when it was masked.
-
-        Raises:
-            TypeError: a node carries no image.
+        A node whose image cannot be read or decoded fails alone (``status: error``): the
+        rest of the query's nodes are still screened and forwarded.
         """
-        scanned = self._scan_checked(nodes)
-        return scanned.results, scanned.pngs
-
-    def _scan_checked(self, nodes: list[BaseNode]) -> CheckedScan:
-        """:meth:`scan_nodes`, also returning the exact bytes checked per node (what to forward)."""
-        if not nodes:
-            return CheckedScan([], [], [])
-        scanned = self._guard.scan_checked(
-            [node_image_source(n) for n in nodes], sources=[node_label(n) for n in nodes], reuse=self.reuse_checked
-        )
-        dispatch_decision_events(scanned.results, component="postprocessor", node_ids=[n.node_id for n in nodes])
-        return scanned
+        verdict = self._guard.screen([node_image(n, node_label(n)) for n in nodes], reuse=self.reuse_checked)
+        if verdict.images:
+            dispatch_decision_events(verdict.images, component="postprocessor", node_ids=[n.node_id for n in nodes])
+        return verdict
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
         positions = [i for i, n in enumerate(nodes) if has_image(n.node)]
-        results, pngs, contents = self._scan_checked([nodes[i].node for i in positions])
-        outcome = {i: (results[k], pngs[k], contents[k]) for k, i in enumerate(positions)}
+        verdict = self.screen_nodes([nodes[i].node for i in positions])
+        entries = {i: verdict.images[k] for k, i in enumerate(positions)}  # over budget: every entry forwards nothing
         out = []
         for i, scored in enumerate(nodes):
-            if i in outcome:
-                result, png, content = outcome[i]
-                replaced = replace_node_image(scored.node, result, png, content)
+            if i in entries:
+                entry = entries[i]
+                replaced = forwarded_node(scored.node, entry)
                 if replaced is None:
                     continue
-                new = with_metadata(replaced, self.metadata_key, result.summary())
+                new = with_metadata(replaced, self.metadata_key, entry.summary())
             elif self.annotate_text_nodes:
                 new = with_metadata(scored.node, self.metadata_key, dict(TEXT_NODE_DECISION))
             else:

@@ -135,3 +135,14 @@ def openai_block() -> Callable[[Path], dict[str, Any]]:
 def v1_block() -> Callable[[Path], dict[str, Any]]:
     """A LangChain v1 base64 image block."""
     return lambda path: {"type": "image", "base64": b64(path), "mime_type": mime(path)}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_shared_memory():
+    """Each test starts with an empty process-wide verdict memory (tests reuse images and configs)."""
+    from guardalign_core.guard import SHARED_MEMORY
+
+    with SHARED_MEMORY._lock:
+        SHARED_MEMORY._entries.clear()
+        SHARED_MEMORY._bytes = 0
+    yield

@@ -104,7 +104,7 @@ def test_prefill_prefix_is_kept_in_the_answer(make_config: Callable[..., Any], i
     inner = RecordingChatModel(reply="I cannot help with that.")
     llm = GuardedChatModel(model=inner, guard=make_config(ALL_UNSAFE, prefix={"prefill": True}))
     answer = llm.invoke([_user(v1_block(image_paths[0]))])
-    assert inner.received[0][-1] == AIMessage(content="As an AI assistant, ")
+    assert inner.received[0][-1] == AIMessage(content="As an AI assistant,")  # no trailing whitespace (Anthropic 400s on it)
     assert answer.text == "As an AI assistant, I cannot help with that."
 
 

@@ -131,7 +131,7 @@ def test_flag_policy_passes_images_and_adds_the_safety_prompt(
 def test_prefix_options(make_config: Callable[..., Any], image_paths: list[Path], openai_block: Callable) -> None:
     request = [SystemMessage(content="Sys."), _user("hi", openai_block(image_paths[0]))]
     prefill = GuardAlignGuard(config=make_config(ALL_UNSAFE, prefix={"prefill": True})).invoke(request).to_messages()
-    assert isinstance(prefill[-1], AIMessage) and prefill[-1].content == "As an AI assistant, "
+    assert isinstance(prefill[-1], AIMessage) and prefill[-1].content == "As an AI assistant,"
     never = GuardAlignGuard(config=make_config(ALL_UNSAFE, prefix={"policy": "never"})).invoke(request).to_messages()
     assert never[0].content == "Sys." and len(never) == 2
     always = GuardAlignGuard(config=make_config(ALL_SAFE, prefix={"policy": "always"})).invoke("text only").to_messages()
@@ -423,4 +423,5 @@ def test_check_returns_pixels_also_for_reused_verdicts(make_config: Callable[...
     request = [_user("hi", openai_block(image_paths[0]))]
     first, second = guard.check(request), guard.check(request)
     assert "(reused)" in second.results[0].reason
-    assert np.array_equal(np.asarray(first.results[0].masked_image), np.asarray(second.results[0].masked_image))
+    assert np.array_equal(np.asarray(first.images[0].pixels()), np.asarray(second.images[0].pixels()))
+    assert second.images[0].data == first.images[0].data  # the stored sanitised bytes, not a second masking

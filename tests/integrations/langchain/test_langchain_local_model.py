@@ -81,9 +81,10 @@ def test_invoke_runs_the_full_method_and_reports_it(make_chat: Callable[..., Cha
     assert isinstance(answer, AIMessage) and answer.text.startswith(PREFIX)
     record = answer.response_metadata["guardalign"]
     assert record["decision"] == "mask" and record["images"][0]["unsafe"] is True
-    assert record["prefix_used"] and record["calibration"]["layers"] == [1, 2]
+    generation = answer.response_metadata["guardalign_generation"]
+    assert generation["prefix_used"] and generation["calibration"]["layers"] == [1, 2]
     assert answer.usage_metadata == {
-        "input_tokens": record["input_tokens"], "output_tokens": 6, "total_tokens": record["input_tokens"] + 6,
+        "input_tokens": generation["input_tokens"], "output_tokens": 6, "total_tokens": generation["input_tokens"] + 6,
     }
     assert answer.response_metadata["finish_reason"] == "length" and answer.response_metadata["model_name"] == chat.model
 

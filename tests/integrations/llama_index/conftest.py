@@ -11,6 +11,7 @@ import pytest
 from llama_index.core.instrumentation import get_dispatcher
 
 from guardalign_core.config import GuardConfig, PolicyConfig, PrefixConfig
+from guardalign_core.images import ImageLimits
 from guardalign_core.testing.tiny_clip import save_tiny_clip_checkpoint, tiny_detector_config
 
 from llamaindex_support import DATA_DIR, EventCollector, RecordingLLM
@@ -51,16 +52,19 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_config(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., GuardConfig]:
-    """``make_config(threshold, action="mask", fail_open=False, **prefix)`` for the tiny CLIP.
+    """``make_config(threshold, action="mask", fail_open=False, local_files=True, **prefix)`` for the tiny CLIP.
 
-    Tiny-CLIP scores are meaningless: threshold 100 makes every patch unsafe, -1 none.
+    Tiny-CLIP scores are meaningless: threshold 100 makes every patch unsafe, -1 none. Most
+    tests read the shared images by path, so they opt in to local files (trusted content);
+    the attack tests use ``local_files=False``, the library's default.
     """
     cache_dir = tmp_path_factory.mktemp("tiny-clip-cache")
 
-    def make(threshold: float, action: str = "mask", fail_open: bool = False, **prefix: Any) -> GuardConfig:
+    def make(threshold: float, action: str = "mask", fail_open: bool = False, local_files: bool = True, **prefix: Any) -> GuardConfig:
         return GuardConfig(
             detector=tiny_detector_config(tiny_checkpoint, threshold=threshold, cache_dir=str(cache_dir)),
             policy=PolicyConfig(action=action, fail_open=fail_open),
+            images=ImageLimits(allow_local_files=local_files),
             prefix=PrefixConfig(**prefix),
         )
 
@@ -105,3 +109,14 @@ def decision_events() -> Any:
         yield handler.events
     finally:
         root.event_handlers.remove(handler)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_shared_memory():
+    """Each test starts with an empty process-wide verdict memory (tests reuse images and configs)."""
+    from guardalign_core.guard import SHARED_MEMORY
+
+    with SHARED_MEMORY._lock:
+        SHARED_MEMORY._entries.clear()
+        SHARED_MEMORY._bytes = 0
+    yield

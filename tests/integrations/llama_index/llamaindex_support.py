@@ -27,7 +27,7 @@ from PIL import Image
 
 from guardalign_core.images import load_image
 from guardalign_integrations.llama_index import GuardAlignDecisionEvent
-from guardalign_integrations.llama_index._messages import image_block_source
+from guardalign_integrations.llama_index._messages import node_image
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -38,7 +38,8 @@ PIECES = ["The ", "image ", "shows ", "a ", "cup."]
 
 def block_pixels(block: ImageBlock) -> np.ndarray:
     """Decode an image block the way the core does (for comparisons)."""
-    return np.asarray(load_image(image_block_source(block)))
+    source = node_image(block, "block").source
+    return np.asarray(load_image(source))
 
 
 def pixels(image: Image.Image | Path) -> np.ndarray:

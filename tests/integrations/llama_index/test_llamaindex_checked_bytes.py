@@ -35,14 +35,14 @@ def _forwarded_bytes(block: ImageBlock) -> bytes:
 
 def _swap_after_each_check(guard: Any, path: Path, replacement: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A concurrent writer: ``path`` becomes ``replacement`` right after every check of the guard."""
-    original = guard.scan_checked
+    original = guard.screen
 
     def racing(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         shutil.copy(replacement, path)
         return out
 
-    monkeypatch.setattr(guard, "scan_checked", racing)
+    monkeypatch.setattr(guard, "screen", racing)
 
 
 @pytest.mark.parametrize("sources", ["path+url", "bytes+url", "bytes+path"])

@@ -23,7 +23,7 @@ from llama_index.core.multi_modal_llms.base import MultiModalLLM, MultiModalLLMM
 from llama_index.core.schema import ImageNode, TextNode
 
 from guardalign_integrations.llama_index import GuardAlignMultiModalLLM
-from guardalign_integrations.llama_index._messages import image_document_source
+from guardalign_integrations.llama_index._messages import node_image
 
 from llamaindex_support import PIECES, RecordingLLM, block_pixels, call_endpoint, pixels
 
@@ -108,7 +108,7 @@ async def test_legacy_inner_gets_sanitised_documents_of_same_type(endpoint, make
     assert isinstance(sent[0], ImageNode) and isinstance(sent[1], ImageBlock)
     assert sent[0].node_id == "cat" and sent[0].image_mimetype == "image/png"
     for doc in sent:
-        assert np.count_nonzero(pixels(image_document_source(doc))) == 0  # threshold 100: fully masked
+        assert np.count_nonzero(pixels(node_image(doc, "doc").source)) == 0  # threshold 100: fully masked
     assert chunks[-1].text == "".join(PIECES)
     assert chunks[-1].additional_kwargs["guardalign"]["decision"] == "mask"
 

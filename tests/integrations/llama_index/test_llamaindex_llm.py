@@ -213,7 +213,7 @@ async def test_prefill_is_sent_and_kept_in_output(make_config, recording_llm, fi
     llm = GuardAlignLLM(recording_llm, make_config(100.0, prefill=True))
     response = llm.chat(image_request(ImageBlock(path=figstep_path)))
     assert recording_llm.last_messages[-1].role == MessageRole.ASSISTANT
-    assert recording_llm.last_messages[-1].content == "As an AI assistant, "
+    assert recording_llm.last_messages[-1].content == "As an AI assistant,"  # no trailing whitespace (Anthropic 400s on it)
     assert response.message.content == "As an AI assistant, " + "".join(PIECES)
 
     chunks = await call_endpoint(llm, "astream_chat", image_request(ImageBlock(path=figstep_path)))
@@ -249,7 +249,7 @@ def test_policy_shortcuts_validate(make_config, recording_llm):
     assert (llm.guard.policy.action, llm.guard.policy.fail_open) == ("flag", True)
     with pytest.raises(ValueError):
         GuardAlignLLM(recording_llm, make_config(-1.0), action="drop")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="config: pass either config or guard"):
+    with pytest.raises(ValueError, match="guard: pass the guard either positionally or as guard="):
         GuardAlignLLM(recording_llm, make_config(-1.0), guard=llm.guard)
 
 

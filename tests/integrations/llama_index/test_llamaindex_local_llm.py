@@ -94,10 +94,10 @@ def test_chat_runs_the_full_method_with_token_counts(make_llm: Callable[..., Gua
     llm = make_llm(100.0)
     response = llm.chat([ChatMessage(role=MessageRole.SYSTEM, content="Be brief."), _image_message(benign_path)])
     assert response.message.content.startswith(PREFIX)
-    record = response.raw["guardalign"]
-    assert record["decision"] == "mask" and record["prefix_used"] and record["calibration"]["layers"] == [1, 2]
+    record, generation = response.raw["guardalign"], response.raw["guardalign_generation"]
+    assert record["decision"] == "mask" and generation["prefix_used"] and generation["calibration"]["layers"] == [1, 2]
     usage = response.raw["usage"]
-    assert usage == {"prompt_tokens": record["input_tokens"], "completion_tokens": 6, "total_tokens": record["input_tokens"] + 6}
+    assert usage == {"prompt_tokens": generation["input_tokens"], "completion_tokens": 6, "total_tokens": generation["input_tokens"] + 6}
     assert response.additional_kwargs["completion_tokens"] == 6
 
 
@@ -200,7 +200,9 @@ def test_the_model_gets_the_checked_pixels_without_a_second_read(
     expected = expected_pixels(benign_path, partial_threshold)
     seen = _prepare_spy(monkeypatch)
     decoded: list[Any] = []
-    monkeypatch.setattr(local_llm, "load_image", lambda source, *a, **k: decoded.append(source) or pytest.fail("decoded again"))
+    from guardalign_core import images
+
+    monkeypatch.setattr(images, "load_image", lambda source, *a, **k: decoded.append(source) or pytest.fail("decoded again"))
     message = ChatMessage(role=MessageRole.USER, blocks=[ImageBlock(image=benign_path.read_bytes()), TextBlock(text="What?")])
     llm.chat([message])
     assert np.array_equal(np.asarray(seen[-1][1][0]), expected) and decoded == []
@@ -241,9 +243,9 @@ def test_model_copy_and_deepcopy_use_their_own_settings(make_llm: Callable[..., 
 def test_the_guard_configs_prefix_is_used(make_llm: Callable[..., GuardAlignLocalLLM]) -> None:
     llm = make_llm(guard_prefix={"text": "Custom prefix: "})  # policy when_unsafe in the config: the local model uses it always
     response = llm.complete("Tell me a story.")
-    assert response.text.startswith("Custom prefix: ") and response.raw["guardalign"]["prefix_text"] == "Custom prefix: "
+    assert response.text.startswith("Custom prefix: ") and response.raw["guardalign_generation"]["prefix_text"] == "Custom prefix: "
     never = make_llm(prefix=PrefixConfig(policy="never")).complete("Tell me a story.")
-    assert not never.raw["guardalign"]["prefix_used"]
+    assert not never.raw["guardalign_generation"]["prefix_used"]
 
 
 def test_bad_generate_kwargs_raise_before_any_scan(make_llm: Callable[..., GuardAlignLocalLLM], benign_path: Path) -> None:
@@ -347,14 +349,14 @@ def test_a_file_swapped_after_its_check_never_reaches_the_model(
     upload = tmp_path / "upload.png"
     shutil.copy(benign_path, upload)
     llm = make_llm()  # allows everything: the model would get the file as it is
-    original = llm.guard.scan_checked
+    original = llm.guard.screen
 
     def racing(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         shutil.copy(figstep_path, upload)  # a concurrent writer swaps the file after its check
         return out
 
-    monkeypatch.setattr(llm.guard, "scan_checked", racing)
+    monkeypatch.setattr(llm.guard, "screen", racing)
     seen = _prepare_spy(monkeypatch)
     checked = np.asarray(load_image(benign_path))
     message = ChatMessage(role=MessageRole.USER, blocks=[ImageBlock(path=upload, url="https://evil.example/x.png"), TextBlock(text="What?")])

@@ -1,0 +1,275 @@
+"""The one screening step: from a request's content images to what may be forwarded.
+
+Between "the detector returned a ScanResult" and "an adapter forwards bytes" this module
+owns every decision: it reads each content image through the one reader
+(:func:`~guardalign_core.images.read_content_bytes`: local files only when allowed, strings
+never looked up on disk), enforces the per-request budget, looks the bytes up in the guard's
+memory, scans the misses in one detector batch (with the ``flag`` policy: the detector
+scores, it does not decide), applies the mask / block / flag policy here, and says per image
+what to forward: nothing, these bytes with this MIME type, or, only under ``fail_open``, the
+block as sent. Adapters only find images in their framework's shapes and write the answer
+back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from PIL import Image
+
+from .config import GuardConfig, PolicyConfig
+from .errors import ImageError
+from .images import ImageLimits, ImageSource, encode_png, read_content_bytes, read_image_bytes
+from .masking import mask_boxes
+from .memory import CheckedImageMemory, config_fingerprint
+from .results import Decision, ScanResult, Status
+from .verdicts import Forward, ImageVerdict
+
+__all__ = ["ContentImage", "screen_images", "sniff_mime"]
+
+
+@dataclass(frozen=True)
+class ContentImage:
+    """One image an adapter found in a request, as it was sent.
+
+    Attributes:
+        label: where it sits, content-free (``"messages[1].content[0]"``); names it in verdicts and errors.
+        source: what carries it: bytes, a ``data:`` URL, base64 text, an ``http(s)`` URL (fetched
+            only if the image limits allow the host), or a path / ``file://`` URL (read only with
+            ``ImageLimits.allow_local_files``). ``None`` with ``refusal``.
+        refusal: the adapter refuses this block (a shape it does not understand, a provider file
+            id it cannot check): never forwarded, whatever ``fail_open`` says.
+        mime: the MIME type the block declares (a hint only: what is forwarded is named from its bytes).
+        trusted: programmatic input (:meth:`ImageGuard.check`), not message content: files and
+            PIL images are read as given.
+    """
+
+    label: str
+    source: ImageSource | None = None
+    refusal: str | None = None
+    mime: str | None = None
+    trusted: bool = False
+
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """The MIME type of image bytes from their first bytes (no decode), or ``None`` if not a known image.
+
+    Example:
+        >>> sniff_mime(b"\\x89PNG\\r\\n\\x1a\\n...")
+        'image/png'
+    """
+    for magic, mime in _MAGIC:
+        if data.startswith(magic):
+            return mime
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _encode_forwarded(image: Image.Image, like_format: str | None) -> tuple[bytes, str]:
+    """The one re-encode of pixels that are forwarded (sanitised images, pixels whose original cannot go as sent).
+
+    Lossless PNG for now, so masked pixels stay exactly zero.
+    TODO(images): swap in ``images.encode_for_forwarding(image, like_format=..., max_bytes=...)``.
+    """
+    return encode_png(image), "image/png"
+
+
+def _forward_original(data: bytes, result: ScanResult) -> bool:
+    """Whether the checked bytes themselves may be forwarded (else the checked pixels are re-encoded).
+
+    The one place for that decision. An image whose pixels a provider could see differently
+    from the checked RGB (alpha composited on another background, later animation frames,
+    16-bit depth) must go as the re-encoded checked pixels.
+    TODO(images): use the decode report of ``images`` (whether the bytes can be forwarded as sent).
+    """
+    return True
+
+
+def _budget_refusal(count: int, limits: ImageLimits) -> str | None:
+    """The per-request image-count budget, checked before anything is read.
+
+    TODO(images): replace with ``images.RequestBudget`` once it lands.
+    """
+    if count > limits.max_images:
+        return f"the request holds {count} images, over the limit of {limits.max_images} (ImageLimits.max_images)"
+    return None
+
+
+def _read(image: ContentImage, limits: ImageLimits) -> bytes | Image.Image:
+    source = image.source
+    if image.trusted:
+        if isinstance(source, Image.Image):
+            return source
+        return read_image_bytes(source, limits, source=image.label)  # type: ignore[arg-type]
+    return read_content_bytes(source, limits, source=image.label)  # type: ignore[arg-type]
+
+
+def _error_result(index: int, label: str, detector: Any, policy: PolicyConfig, what: str, error: str, *, hard: bool = False) -> ScanResult:
+    """A ``status=error`` result for an image the detector never saw (unreadable, refused, over budget)."""
+    passes = policy.fail_open and not hard
+    return ScanResult(
+        index=index,
+        source=label,
+        status=Status.ERROR,
+        decision=Decision.ALLOW if passes else Decision.BLOCK,
+        unsafe=False,
+        reason=f"image could not be checked ({what}); {'forwarded unchecked (fail_open)' if passes else 'blocked (fail-closed)'}",
+        detector=detector.name,
+        threshold=detector.threshold,
+        backbone=detector.config.backbone_id,
+        policy=policy.action,
+        error=f"{label}: {error}" if not error.startswith(f"{label}: ") else error,
+    )
+
+
+def _scan(detector: Any, inputs: list, labels: list[str], policy: PolicyConfig, offset: int = 0) -> list[ScanResult]:
+    """One detector batch; a failure that is not an ``ImageError`` fails only the image that caused it.
+
+    The detector turns decode errors into per-image results itself; anything else raised from
+    inside a batch (a decoder bug, a malformed file the decoder did not expect) would abort
+    every image of the request, so the batch is split until the culprit is alone.
+    """
+    try:
+        return detector.scan(inputs, sources=labels, policy=policy)
+    except Exception as err:  # noqa: BLE001 - becomes that image's status=error (the policy then decides)
+        if len(inputs) == 1:
+            return [_error_result(offset, labels[0], detector, policy, type(err).__name__, f"the image could not be decoded ({type(err).__name__})")]
+        half = len(inputs) // 2
+        return _scan(detector, inputs[:half], labels[:half], policy, offset) + _scan(detector, inputs[half:], labels[half:], policy, offset + half)
+
+
+def _apply_policy(result: ScanResult, policy: PolicyConfig, config: GuardConfig, detector: Any) -> ScanResult:
+    """The policy (mask / block / flag), applied to a detector's flag-mode result; ``masked_image`` is what a model may see."""
+    if result.status != Status.OK:
+        decision = Decision.ALLOW if policy.fail_open else Decision.BLOCK
+        return result.model_copy(update={"decision": decision, "policy": policy.action, "masked_image": None})
+    update: dict[str, Any] = {"policy": policy.action}
+    if not result.unsafe:
+        update["decision"] = Decision.ALLOW
+    elif policy.action == "block":
+        update.update(decision=Decision.BLOCK, masked_image=None)
+    elif policy.action == "flag":
+        update["decision"] = Decision.FLAG
+    else:
+        t0 = time.perf_counter()
+        mode = config.detector.mask_mode
+        fill = detector.encoder.mean_color if mode == "mean" else (0, 0, 0)
+        boxes = [(b.x0, b.y0, b.x1, b.y1) for b in result.unsafe_boxes]
+        update.update(decision=Decision.MASK, masked_image=mask_boxes(result.masked_image, boxes, mode, fill))
+        timings = dict(result.timings_ms)
+        timings["mask"] = round(timings.get("mask", 0.0) + (time.perf_counter() - t0) * 1000, 3)
+        update["timings_ms"] = timings
+    return result.model_copy(update=update)
+
+
+def _verdict(index: int, label: str, result: ScanResult, checked: bytes | Image.Image | None, declared: str | None, limits: ImageLimits) -> ImageVerdict:
+    """What to forward for one freshly scanned (policy-applied) image."""
+    raw = checked if isinstance(checked, bytes) else None
+    if result.decision == Decision.BLOCK:
+        return ImageVerdict(index, label, result, Forward.NOTHING, checked=raw, limits=limits)
+    if result.status != Status.OK:
+        return ImageVerdict(index, label, result, Forward.AS_SENT, checked=raw, limits=limits)
+    pixels = result.masked_image
+    if result.decision != Decision.MASK and raw is not None and _forward_original(raw, result):
+        mime = sniff_mime(raw) or declared or "application/octet-stream"
+        return ImageVerdict(index, label, result, Forward.BYTES, data=raw, mime=mime, checked=raw, pixels=pixels, limits=limits)
+    data, mime = _encode_forwarded(pixels, sniff_mime(raw) if raw is not None else None)
+    return ImageVerdict(index, label, result, Forward.BYTES, data=data, mime=mime, checked=raw, sanitised=True, pixels=pixels, limits=limits)
+
+
+def screen_images(
+    images: Sequence[ContentImage],
+    *,
+    config: GuardConfig,
+    detector: Any,
+    memory: CheckedImageMemory,
+    reuse: bool = True,
+) -> tuple[list[ImageVerdict], str | None]:
+    """Screen one request's images: read, budget, recall, scan the misses in one batch, apply the policy.
+
+    Args:
+        images: the request's images in order, as the adapter found them.
+        config: the guard's config (read once by the caller for the whole request).
+        detector: the detector that scores (called with the ``flag`` policy).
+        memory: verdicts remembered by SHA-256 of the checked bytes (see :mod:`guardalign_core.memory`).
+        reuse: look images up and remember them.
+
+    Returns:
+        One :class:`ImageVerdict` per image, in order, and why the request is refused as a
+        whole (over budget, a block refused by the adapter), or ``None``.
+    """
+    limits, policy = config.images, config.policy
+    labels = [image.label for image in images]
+    over = _budget_refusal(len(images), limits)
+    if over is not None:
+        results = [_error_result(i, label, detector, policy, "RequestBudget", over, hard=True) for i, label in enumerate(labels)]
+        return [ImageVerdict(i, labels[i], r, Forward.NOTHING, limits=limits) for i, r in enumerate(results)], over
+    refused: str | None = None
+    verdicts: list[ImageVerdict | None] = [None] * len(images)
+    contents: list[bytes | Image.Image | None] = [None] * len(images)
+    total = 0
+    for i, image in enumerate(images):
+        if image.refusal is not None:
+            result = _error_result(i, labels[i], detector, policy, "UnsupportedBlock", image.refusal, hard=True)
+            verdicts[i] = ImageVerdict(i, labels[i], result, Forward.NOTHING, limits=limits)
+            refused = refused or f"{labels[i]}: {image.refusal}"
+            continue
+        try:
+            contents[i] = _read(image, limits)
+        except ImageError as err:
+            result = _error_result(i, labels[i], detector, policy, type(err).__name__, str(err))
+            verdicts[i] = _verdict(i, labels[i], result, None, image.mime, limits)
+            continue
+        if isinstance(contents[i], bytes):
+            total += len(contents[i])  # type: ignore[arg-type]
+            if total > limits.max_total_bytes:
+                refused = f"the request's images add up to more than {limits.max_total_bytes} bytes (ImageLimits.max_total_bytes)"
+                results = [_error_result(k, label, detector, policy, "RequestBudget", refused, hard=True) for k, label in enumerate(labels)]
+                return [ImageVerdict(k, labels[k], r, Forward.NOTHING, limits=limits) for k, r in enumerate(results)], refused
+    fingerprint = config_fingerprint(config, detector) if reuse else ""
+    for i, content in enumerate(contents):
+        if verdicts[i] is not None or not reuse or not isinstance(content, bytes):
+            continue
+        entry = memory.recall(fingerprint, content)
+        if entry is not None:
+            result = entry.result.model_copy(update={"index": i, "source": labels[i]})
+            if entry.png is not None:
+                verdicts[i] = ImageVerdict(i, labels[i], result, Forward.BYTES, data=entry.png, mime="image/png", checked=content,
+                                           sanitised=True, reused=True, limits=limits)
+            elif result.decision == Decision.BLOCK:
+                verdicts[i] = ImageVerdict(i, labels[i], result, Forward.NOTHING, checked=content, reused=True, limits=limits)
+            else:
+                mime = sniff_mime(content) or images[i].mime or "application/octet-stream"
+                verdicts[i] = ImageVerdict(i, labels[i], result, Forward.BYTES, data=content, mime=mime, checked=content, reused=True, limits=limits)
+    misses = [i for i, v in enumerate(verdicts) if v is None]
+    if misses:
+        scan_policy = PolicyConfig(action="flag", fail_open=policy.fail_open)  # the detector scores; the policy is applied below
+        fresh = _scan(detector, [contents[i] for i in misses], [labels[i] for i in misses], scan_policy)
+        pixels_total = 0
+        for i, result in zip(misses, fresh):
+            result = _apply_policy(result.model_copy(update={"index": i}), policy, config, detector)
+            if result.image_size is not None:
+                pixels_total += result.image_size[0] * result.image_size[1]
+            verdict = verdicts[i] = _verdict(i, labels[i], result, contents[i], images[i].mime, limits)
+            if reuse and result.status == Status.OK and isinstance(contents[i], bytes):
+                memory.remember(fingerprint, contents[i], result, verdict.data if verdict.sanitised else None)  # type: ignore[arg-type]
+        if pixels_total > limits.max_total_pixels:  # TODO(images): RequestBudget counts pixels before decoding
+            refused = f"the request's images add up to more than {limits.max_total_pixels} pixels (ImageLimits.max_total_pixels)"
+            results = [_error_result(k, label, detector, policy, "RequestBudget", refused, hard=True) for k, label in enumerate(labels)]
+            return [ImageVerdict(k, labels[k], r, Forward.NOTHING, limits=limits) for k, r in enumerate(results)], refused
+    return [v for v in verdicts if v is not None], refused
+

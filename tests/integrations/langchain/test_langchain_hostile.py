@@ -1,0 +1,164 @@
+"""Attacks on the LangChain adapters: block shapes a provider forwards but the guard used not to see.
+
+Each test plays the attacker: an image hidden in a shape the old guard skipped must now be
+screened (under a threshold above every score, so every patch is masked, the wrapped model
+must receive exactly the guard's sanitised bytes, never the original), and a block the guard
+cannot check must be refused by name instead of forwarded.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import ALL_UNSAFE, b64
+from guardalign_lc_fakes import RecordingChatModel
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from PIL import Image
+
+from guardalign_core.errors import GuardAlignViolation
+from guardalign_core.images import ImageLimits
+from guardalign_integrations.langchain import GuardAlignGuard, GuardedChatModel
+
+
+def _black(data: bytes) -> bool:
+    import io
+
+    return bool((np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) == 0).all())
+
+
+def _guard(make_config: Callable[..., Any], **kwargs: Any) -> GuardAlignGuard:
+    return GuardAlignGuard(config=make_config(ALL_UNSAFE), **kwargs)
+
+
+def _forwarded(guard: GuardAlignGuard, message: Any) -> tuple[Any, Any]:
+    """(what the wrapped model received, the verdict)."""
+    inner = RecordingChatModel()
+    GuardedChatModel(model=inner, guard=guard).invoke([message])
+    return inner.received[0][-1], guard.check([message])
+
+
+def test_image_nested_in_an_anthropic_tool_result_is_masked(make_config: Callable[..., Any], image_paths: list[Path]) -> None:
+    original = b64(image_paths[0])
+    nested = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": original}, "cache_control": {"type": "ephemeral"}}
+    message = HumanMessage(content=[{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "here"}, nested]}])
+    received, _ = _forwarded(_guard(make_config), message)
+    out = received.content[0]["content"][1]
+    assert out["source"]["data"] != original and _black(base64.b64decode(out["source"]["data"]))
+    assert out["cache_control"] == {"type": "ephemeral"}  # provider options survive masking
+
+
+def test_image_inside_an_anthropic_document_content_source_is_masked(make_config: Callable[..., Any], image_paths: list[Path]) -> None:
+    inner_image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(image_paths[1])}}
+    document = {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "p1"}, inner_image]}}
+    received, _ = _forwarded(_guard(make_config), HumanMessage(content=[document]))
+    out = received.content[0]["source"]["content"][1]
+    assert _black(base64.b64decode(out["source"]["data"]))
+
+
+def test_google_media_block_is_masked(make_config: Callable[..., Any], image_paths: list[Path]) -> None:
+    media = {"type": "media", "mime_type": "image/png", "data": image_paths[0].read_bytes()}
+    received, _ = _forwarded(_guard(make_config), HumanMessage(content=[media]))
+    assert _black(received.content[0]["data"])
+
+
+@pytest.mark.parametrize("declared", [None, "application/octet-stream"], ids=["no-mime", "octet-stream"])
+def test_file_block_holding_image_bytes_is_masked(make_config: Callable[..., Any], image_paths: list[Path], declared: str | None) -> None:
+    block: dict[str, Any] = {"type": "file", "base64": b64(image_paths[0])}
+    if declared:
+        block["mime_type"] = declared
+    received, verdict = _forwarded(_guard(make_config), HumanMessage(content=[block]))
+    out = received.content[0]
+    assert out["mime_type"] == "image/png" and base64.b64decode(out["base64"]) == verdict.images[0].data
+    assert _black(base64.b64decode(out["base64"]))
+
+
+def test_image_the_provider_translator_drops_from_content_blocks_is_still_masked(
+    make_config: Callable[..., Any], image_paths: list[Path]
+) -> None:
+    block = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(image_paths[0])}", "detail": "low"}}
+    history = AIMessage(content=["Here is the picture:", block], response_metadata={"model_provider": "groq"})
+    assert not any(b.get("type") == "image" for b in history.content_blocks)  # invisible to content_blocks
+    received, _ = _forwarded(_guard(make_config), history)
+    url = received.content[1]["image_url"]["url"]
+    assert received.content[1]["image_url"]["detail"] == "low" and _black(base64.b64decode(url.split(",", 1)[1]))
+
+
+def test_unknown_block_with_a_url_is_refused_by_name_unless_allow_listed(make_config: Callable[..., Any]) -> None:
+    message = HumanMessage(content=[{"type": "text", "text": "see"}, {"type": "hologram", "payload": {"url": "https://evil.example/x.png"}}])
+    inner = RecordingChatModel()
+    llm = GuardedChatModel(model=inner, guard=_guard(make_config), on_block="raise")
+    with pytest.raises(GuardAlignViolation, match=r"messages\[0\]\.content\[1\].*'hologram'"):
+        llm.invoke([message])
+    assert inner.received == []
+    allowed = GuardedChatModel(model=inner, guard=_guard(make_config, allow_block_types=("hologram",)))
+    allowed.invoke([message])
+    assert inner.received[0][-1].content[1]["type"] == "hologram"
+
+
+def test_a_pdf_file_block_is_refused_by_default(make_config: Callable[..., Any]) -> None:
+    pdf = {"type": "file", "base64": base64.b64encode(b"%PDF-1.4\n...").decode(), "mime_type": "application/pdf"}
+    verdict = _guard(make_config).check([HumanMessage(content=[pdf])])
+    assert verdict.blocked and "'file'" in verdict.refused
+
+
+def test_openai_detail_survives_masking(make_config: Callable[..., Any], image_paths: list[Path]) -> None:
+    block = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(image_paths[0])}", "detail": "high"}}
+    received, _ = _forwarded(_guard(make_config), HumanMessage(content=[block]))
+    assert received.content[0]["image_url"]["detail"] == "high" and received.content[0]["type"] == "image_url"
+
+
+def test_the_cache_key_covers_every_setting_that_changes_what_is_forwarded(make_config: Callable[..., Any]) -> None:
+    base = make_config(ALL_UNSAFE)
+    variants = [
+        base,
+        base.model_copy(update={"images": ImageLimits(max_bytes=1024)}),
+        base.model_copy(update={"detector": base.detector.model_copy(update={"mask_mode": "blur"})}),
+        base.model_copy(update={"detector": base.detector.model_copy(update={"grid_size": 2})}),
+        base.model_copy(update={"detector": base.detector.model_copy(update={"categories": ["violence"]})}),
+    ]
+    keys = {repr(sorted(GuardedChatModel(model=RecordingChatModel(), guard=c)._identifying_params["guard"].items())) for c in variants}
+    assert len(keys) == len(variants)
+
+
+def test_a_system_message_image_reaches_the_agent_model_masked(make_config: Callable[..., Any], image_paths: list[Path]) -> None:
+    pytest.importorskip("langchain.agents")
+    from guardalign_lc_fakes import ScriptedToolModel
+    from langchain.agents import create_agent
+
+    from guardalign_integrations.langchain import GuardAlignMiddleware
+
+    system = SystemMessage(content=[{"type": "text", "text": "Reference:"}, {"type": "image", "base64": b64(image_paths[0]), "mime_type": "image/png"}])
+    model = ScriptedToolModel(script=[AIMessage(content="ok")])
+    agent = create_agent(model, tools=[], system_prompt=system, middleware=[GuardAlignMiddleware(make_config(ALL_UNSAFE))])
+    agent.invoke({"messages": [HumanMessage(content="hi")]})
+    sent = model.received[0][0]
+    image = next(item for item in sent.content if isinstance(item, dict) and item.get("type") == "image")
+    assert _black(base64.b64decode(image["base64"]))
+
+
+def test_the_agent_middleware_puts_the_prefill_back_into_the_answer(make_config: Callable[..., Any], image_paths: list[Path]) -> None:
+    pytest.importorskip("langchain.agents")
+    from guardalign_lc_fakes import ScriptedToolModel
+    from langchain.agents import create_agent
+
+    from guardalign_integrations.langchain import GuardAlignMiddleware
+
+    model = ScriptedToolModel(script=[AIMessage(content="I cannot help with that.")])
+    middleware = GuardAlignMiddleware(make_config(ALL_UNSAFE, prefix={"prefill": True}))
+    agent = create_agent(model, tools=[], middleware=[middleware])
+    question = HumanMessage(content=[{"type": "image", "base64": b64(image_paths[0]), "mime_type": "image/png"}])
+    result = agent.invoke({"messages": [question]})
+    assert model.received[0][-1].content == "As an AI assistant,"  # no trailing whitespace
+    assert result["messages"][-1].text == "As an AI assistant, I cannot help with that."
+
+
+def test_local_files_in_message_content_are_not_read(make_config: Callable[..., Any], image_paths: list[Path]) -> None:
+    for url in (f"file://{image_paths[0]}", str(image_paths[0]), "file:///no/such/file.png"):
+        verdict = _guard(make_config).check([HumanMessage(content=[{"type": "image", "url": url}])])
+        assert verdict.blocked and "local file" in (verdict.images[0].result.error or "")
+        assert "no such file" not in verdict.images[0].result.error and "bytes" not in verdict.images[0].result.error

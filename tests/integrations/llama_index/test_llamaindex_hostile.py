@@ -1,0 +1,156 @@
+"""Attacks on the LlamaIndex adapters: images the guard used not to see, local files read on a message's say-so.
+
+Each test plays the attacker and must fail on the code before the screening step: a hidden
+image must reach the wrapped model as the guard's sanitised bytes (threshold 100: every
+patch masked), a block the guard cannot check must be refused by name, and no local file
+named in message content may be read (with errors that say nothing about the file system).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from llama_index.core.base.llms.types import ChatMessage, CitableBlock, DocumentBlock, ImageBlock, MessageRole, TextBlock, VideoBlock
+from llama_index.core.schema import ImageDocument, ImageNode, MediaResource, Node, NodeWithScore
+from PIL import Image
+
+from guardalign_core.errors import GuardAlignViolation
+from guardalign_core.guard import ImageGuard
+from guardalign_integrations.llama_index import GuardAlignImagePostprocessor, GuardAlignLLM, GuardAlignMultiModalLLM
+
+
+def _black(data: bytes) -> bool:
+    return bool((np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) == 0).all())
+
+
+def _sent_images(llm) -> list[bytes]:
+    out = []
+    for message in llm.last_messages:
+        for block in message.blocks:
+            inner = block.content if isinstance(block, CitableBlock) else [block]
+            out.extend(b.resolve_image().read() for b in inner if isinstance(b, ImageBlock))
+    return out
+
+
+def test_image_data_in_a_document_block_is_masked(make_config, recording_llm, benign_path):
+    llm = GuardAlignLLM(recording_llm, make_config(100.0, local_files=False))
+    llm.chat([ChatMessage(role="user", blocks=[DocumentBlock(data=benign_path.read_bytes(), title="scan"), TextBlock(text="read it")])])
+    (sent,) = _sent_images(recording_llm)
+    assert _black(sent)
+    assert not any(isinstance(b, DocumentBlock) for m in recording_llm.last_messages for b in m.blocks)
+
+
+def test_image_inside_a_citable_block_is_masked(make_config, recording_llm, benign_path):
+    citable = CitableBlock(title="t", source="s", content=[TextBlock(text="p"), ImageBlock(image=benign_path.read_bytes())])
+    GuardAlignLLM(recording_llm, make_config(100.0, local_files=False)).chat([ChatMessage(role="user", blocks=[citable])])
+    (sent,) = _sent_images(recording_llm)
+    assert _black(sent)
+
+
+def test_a_video_block_is_refused_by_name(make_config, recording_llm):
+    llm = GuardAlignLLM(recording_llm, make_config(100.0, local_files=False), on_block="raise")
+    with pytest.raises(GuardAlignViolation, match=r"messages\[0\]\.blocks\[0\].*VideoBlock"):
+        llm.chat([ChatMessage(role="user", blocks=[VideoBlock(video=b"\x00\x00\x00\x18ftypmp42"), TextBlock(text="?")])])
+
+
+@pytest.mark.parametrize("kind", ["file-url", "path", "image-node-path", "media-resource-path"])
+def test_local_files_named_in_content_are_not_read(kind, make_config, recording_llm, benign_path, monkeypatch):
+    reads: list[str] = []
+    real = Path.read_bytes
+
+    def spy(self: Path) -> bytes:
+        reads.append(str(self))
+        return real(self)
+
+    config = make_config(-1.0, local_files=False)
+    if kind in ("file-url", "path"):
+        block = ImageBlock(url=f"file://{benign_path}") if kind == "file-url" else ImageBlock(path=benign_path)
+        llm = GuardAlignLLM(recording_llm, config, on_block="raise")
+        monkeypatch.setattr(Path, "read_bytes", spy)
+        with pytest.raises(GuardAlignViolation) as caught:
+            llm.chat([ChatMessage(role="user", blocks=[block])])
+    else:
+        node = ImageNode(image_path=str(benign_path), id_="n") if kind == "image-node-path" else Node(image_resource=MediaResource(path=benign_path), id_="n")
+        screen = GuardAlignImagePostprocessor(config)
+        monkeypatch.setattr(Path, "read_bytes", spy)
+        assert screen.postprocess_nodes([NodeWithScore(node=node, score=1.0)]) == []  # dropped, not read
+        caught = None
+    assert str(benign_path) not in reads
+    if caught is not None:
+        message = str(caught.value)
+        assert "local file" in message and "no such file" not in message and str(benign_path.parent) not in message
+
+
+def test_a_missing_local_file_and_an_existing_one_give_the_same_error(make_config, recording_llm, benign_path):
+    llm = GuardAlignLLM(recording_llm, make_config(-1.0, local_files=False))
+    errors = []
+    for path in (benign_path, benign_path.with_name("no-such-file.png")):
+        verdict = llm.check([ChatMessage(role="user", blocks=[ImageBlock(url=f"file://{path}")])])
+        errors.append(verdict.images[0].result.error.split(": ", 1)[1])
+    assert errors[0] == errors[1]  # nothing reveals whether the file exists, or its size
+
+
+def test_one_bad_node_does_not_abort_the_rag_query(make_config, benign_path, monkeypatch):
+    import guardalign_core.detector as detector_module
+
+    poison = benign_path.read_bytes()[:-7] + b"garbage"
+    real = detector_module.load_image
+
+    def fragile(image, *args, **kwargs):
+        if image == poison:
+            raise struct_error("unpack requires a buffer of 4 bytes")
+        return real(image, *args, **kwargs)
+
+    import struct
+
+    struct_error = struct.error
+    monkeypatch.setattr(detector_module, "load_image", fragile)
+    good = ImageNode(image=base64.b64encode(benign_path.read_bytes()).decode(), id_="good")
+    bad = ImageNode(image=base64.b64encode(poison).decode(), id_="bad")
+    out = GuardAlignImagePostprocessor(make_config(-1.0, local_files=False)).postprocess_nodes(
+        [NodeWithScore(node=bad, score=1.0), NodeWithScore(node=good, score=0.5)]
+    )
+    assert [n.node.node_id for n in out] == ["good"]
+
+
+def test_a_rag_image_is_not_masked_twice_by_two_separately_built_guards(make_config, recording_llm, benign_path, partial_threshold):
+    config = make_config(partial_threshold, local_files=False)
+    node = ImageNode(image=base64.b64encode(benign_path.read_bytes()).decode(), image_mimetype="image/png", id_="n")
+    (screened,) = GuardAlignImagePostprocessor(config).postprocess_nodes([NodeWithScore(node=node, score=1.0)])
+    sanitised = base64.b64decode(screened.node.image)
+    llm = GuardAlignLLM(recording_llm, config)  # another guard object, same config
+    llm.chat([ChatMessage(role="user", blocks=[ImageBlock(image=sanitised, image_mimetype="image/png")])])
+    (sent,) = _sent_images(recording_llm)
+    assert sent == sanitised  # forwarded as the postprocessor made it, not masked a second time
+
+
+def test_the_legacy_adapter_accepts_llamaindexs_own_image_document(make_config, benign_path):
+    from test_llamaindex_legacy import RecordingMultiModalLLM
+
+    inner = RecordingMultiModalLLM()
+    mm = GuardAlignMultiModalLLM(inner, make_config(100.0, local_files=False))
+    document = ImageDocument(image=base64.b64encode(benign_path.read_bytes()).decode(), image_mimetype="image/png")
+    mm.complete("describe", image_documents=[document])
+    (sent,) = inner.calls[-1][2]
+    data = sent.image_resource.data
+    assert _black(base64.b64decode(data) if not data.startswith(b"\x89PNG") else data)
+
+
+def test_guard_spec_is_validated_at_construction(recording_llm, make_config):
+    with pytest.raises(TypeError, match="guard: expected"):
+        GuardAlignLLM(recording_llm, guard=42)
+    with pytest.raises(ValueError, match="unknown preset"):
+        GuardAlignLLM(recording_llm, guard="no-such-preset")
+    shared = ImageGuard(make_config(-1.0))
+    assert GuardAlignLLM(recording_llm, guard=shared).guard is shared
+    assert GuardAlignLLM(recording_llm, guard=make_config(-1.0), refusal="No.").refusal == "No."
+
+
+def test_prefill_without_trailing_whitespace_reaches_the_provider(make_config, recording_llm, benign_path):
+    llm = GuardAlignLLM(recording_llm, make_config(100.0, prefill=True, local_files=False))
+    llm.chat([ChatMessage(role=MessageRole.USER, blocks=[ImageBlock(image=benign_path.read_bytes())])])
+    assert recording_llm.last_messages[-1].content == recording_llm.last_messages[-1].content.rstrip()

@@ -1,0 +1,1 @@
+"""Local mode (placeholder until implemented below)."""

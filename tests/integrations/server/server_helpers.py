@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-pytest.importorskip("fastapi")
+pytest.importorskip("fastapi")  # the server extra
 pytest.importorskip("uvicorn")
 
 import httpx  # noqa: E402

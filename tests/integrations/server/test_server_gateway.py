@@ -12,7 +12,7 @@ openai = pytest.importorskip("openai")
 
 from PIL import Image  # noqa: E402
 
-from server_helpers import ALL_UNSAFE, NONE_UNSAFE, data_url, run_gateway  # noqa: E402
+from server_helpers import ALL_UNSAFE, NONE_UNSAFE, data_url, jpeg_bytes, make_guard, png_bytes, run_gateway  # noqa: E402,F401 (fixtures)
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Look it up.",
                                            "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]

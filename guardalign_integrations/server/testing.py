@@ -57,12 +57,12 @@ def create_upstream_imitation(record: UpstreamRecord | None = None) -> tuple[Sta
         body = json.loads(await request.body())
         if record.record_bodies:
             record.requests.append({"path": request.url.path, "headers": dict(request.headers), "body": body})
-        try:
-            if record.response_delay_s:
-                await asyncio.sleep(record.response_delay_s)
-        except asyncio.CancelledError:
-            record.cancelled += 1
-            raise
+        deadline = time.monotonic() + record.response_delay_s
+        while time.monotonic() < deadline:
+            if await request.is_disconnected():  # the gateway gave up on us: stop working
+                record.cancelled += 1
+                return Response(status_code=499)
+            await asyncio.sleep(0.01)
         model = body.get("model", "imitation")
         tool_calls = None
         if body.get("tools"):

@@ -156,9 +156,9 @@ def register(app: FastAPI, state: Any) -> None:
             if state.config.mode == "local":
                 from ._local import local_chat
 
-                local_chat_checked = await local_chat(state, request, body, slot)
-                handed_over = isinstance(local_chat_checked, StreamingResponse)
-                return local_chat_checked
+                answer = await local_chat(state, request, body, slot)
+                handed_over = isinstance(answer, StreamingResponse)
+                return answer
             screened = await screen(state, request, body, safety_prompt=state.config.safety_prompt)
             if screened.blocked:
                 return blocked_response(state, body, screened)

@@ -85,7 +85,8 @@ class ServerState:
 
     async def admit(self) -> Slot:
         """A processing slot, or a 429 with Retry-After when the queue is full."""
-        assert self.gate is not None, "the app's lifespan has not run"
+        if self.gate is None:
+            raise RuntimeError("the app's lifespan has not run (serve it with uvicorn or an ASGI lifespan)")
         gate = self.gate
         self.metrics.queued.set(gate.waiting + 1 if gate.active >= gate.max_active else gate.waiting)
         try:

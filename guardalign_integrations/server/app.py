@@ -1,0 +1,304 @@
+"""The ASGI application: :func:`create_app` wires the guard, the limits and the endpoints.
+
+Endpoints: ``POST /v1/chat/completions`` (gateway or local model), ``GET /v1/models``,
+``POST /v1/scan``, ``POST /beta/litellm_basic_guardrail_api`` and the operations endpoints
+``/healthz``, ``/readyz``, ``/metrics``. The app adds no detection logic: screening is
+:mod:`._openai_content` on the core guard. Start-up warms the CLIP backbone (and the local
+model) in the background; ``/readyz`` says ready when it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from guardalign_core.guard import ImageGuard
+
+from ._admission import AdmissionGate, QueueFull, Slot
+from ._batching import ScanBatcher
+from ._errors import ServerError, error_response, from_server_error
+from ._metrics import ServerMetrics
+from .config import ServerConfig
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("guardalign_integrations.server.access")
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready; the work for it was cancelled."""
+
+
+class ServerState:
+    """What every endpoint shares: config, guard, batcher, limits, metrics, upstream or local model."""
+
+    def __init__(self, config: ServerConfig, guard: ImageGuard, pipeline: Any = None, transport: Any = None) -> None:
+        self.config = config
+        self.guard = guard
+        self.pipeline = pipeline
+        self.transport = transport
+        self.metrics = ServerMetrics()
+        self.gate: AdmissionGate | None = None  # made on the serving event loop
+        batching = config.batching
+        enabled = batching.enabled if batching.enabled is not None else guard.config.detector.device.startswith("cuda")
+        self.batcher = ScanBatcher(guard, enabled=enabled, window_ms=batching.window_ms, max_images=batching.max_images,
+                                   on_batch=self.metrics.batch_images.observe)
+        self.upstream: Any = None
+        self.ready = threading.Event()
+        self.warm_error: str | None = None
+
+    # -- auth and admission ------------------------------------------------------------------
+    def authenticate(self, request: Request) -> None:
+        """Accept a configured key from ``x-guardalign-api-key``, ``x-api-key`` or ``Authorization: Bearer``.
+
+        In ``passthrough`` key mode the Authorization header belongs to the upstream and is
+        not read as a server key.
+
+        Raises:
+            ServerError: 401 when keys are configured and none of the headers holds one.
+        """
+        keys = self.config.api_keys
+        if not keys:
+            return
+        offered = [request.headers.get("x-guardalign-api-key"), request.headers.get("x-api-key")]
+        passthrough = self.config.upstream is not None and self.config.upstream.key_mode == "passthrough"
+        auth = request.headers.get("authorization", "")
+        if not passthrough and auth[:7].lower() == "bearer ":
+            offered.append(auth[7:].strip())
+        for candidate in offered:
+            if candidate and any(hmac.compare_digest(candidate.encode(), key.encode()) for key in keys):
+                return
+        self.metrics.rejections.labels("auth").inc()
+        raise ServerError(401, "missing or invalid API key", "invalid_api_key")
+
+    async def admit(self) -> Slot:
+        """A processing slot, or a 429 with Retry-After when the queue is full."""
+        if self.gate is None:
+            raise RuntimeError("the app's lifespan has not run (serve it with uvicorn or an ASGI lifespan)")
+        gate = self.gate
+        self.metrics.queued.set(gate.waiting + 1 if gate.active >= gate.max_active else gate.waiting)
+        try:
+            slot = await gate.acquire()
+        except QueueFull:
+            self.metrics.rejections.labels("queue_full").inc()
+            raise ServerError(429, "the server is at capacity; retry after the indicated delay", "server_busy",
+                              headers={"retry-after": str(self.config.retry_after_s)}) from None
+        finally:
+            self.metrics.queued.set(gate.waiting)
+        self.metrics.in_flight.set(gate.active)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        slot.release()
+        if self.gate is not None:
+            self.metrics.in_flight.set(self.gate.active)
+
+    # -- warm-up -----------------------------------------------------------------------------
+    def warm(self) -> None:
+        """Load the CLIP backbone and its text embeddings (one tiny scan), and the local model."""
+        try:
+            if self.config.warm_up:
+                from PIL import Image
+
+                buffer = io.BytesIO()
+                Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
+                self.guard.scan_checked([buffer.getvalue()], sources=["warm-up"], reuse=False)
+                if self.pipeline is not None:
+                    self.pipeline.lvlm.load()
+        except Exception as err:  # noqa: BLE001 (reported by /readyz; requests then fail with their own error)
+            self.warm_error = f"{type(err).__name__}: {err}"
+            logger.error("warm-up failed: %s", self.warm_error)
+            return
+        self.ready.set()
+        logger.info("guardalign server ready (%s mode)", self.config.mode)
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` unless the client disconnects first; then cancel it and raise :class:`ClientGone`."""
+    task = asyncio.ensure_future(awaitable)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # noqa: BLE001 (the cancelled work's outcome is not wanted)
+        pass
+    raise ClientGone()
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class EdgeMiddleware:
+    """Pure ASGI: the body size limit (413) and one access-log line per request (decision, never content)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.state.config.max_body_bytes
+        start = time.perf_counter()
+        status = {"code": 500, "started": False}
+        scope.setdefault("state", {})
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await self._too_large(scope, receive, send, limit)
+            self._log(scope, 413, start)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not status["started"]:
+                await self._too_large(scope, receive, tracking_send, limit)
+        finally:
+            self._log(scope, status["code"], start)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        self.state.metrics.rejections.labels("body_too_large").inc()
+        response = error_response(413, f"the request body is over the limit of {limit} bytes", "request_too_large")
+        await response(scope, receive, send)
+
+    def _log(self, scope: Scope, code: int, start: float) -> None:
+        path = scope.get("path", "")
+        state = scope.get("state") or {}
+        endpoint = state.get("endpoint", path if path in _KNOWN_PATHS else "other")
+        self.state.metrics.requests.labels(endpoint, str(code)).inc()
+        access_logger.info(
+            "%s %s %d decision=%s images=%s %.1fms", scope.get("method", "-"), path, code, state.get("decision", "-"),
+            state.get("images", 0), (time.perf_counter() - start) * 1000,
+        )
+
+
+_KNOWN_PATHS = {"/v1/chat/completions", "/v1/models", "/v1/scan", "/beta/litellm_basic_guardrail_api", "/healthz", "/readyz", "/metrics"}
+
+
+def create_app(config: ServerConfig, *, guard: ImageGuard | None = None, pipeline: Any = None, transport: Any = None) -> FastAPI:
+    """Build the server for ``config``.
+
+    Args:
+        config: the validated :class:`ServerConfig`.
+        guard: a core guard to use (default: built from ``config.guard``; shared with the
+            local pipeline in local mode).
+        pipeline: a ready :class:`~guardalign_core.pipeline.GuardAlignPipeline` (local
+            mode; default: built from ``config.model``).
+        transport: an ``httpx`` transport for the upstream client (tests).
+
+    Returns:
+        A FastAPI (ASGI) app; serve it with uvicorn.
+
+    Example:
+        >>> app = create_app(ServerConfig(upstream={"base_url": "http://127.0.0.1:9000/v1"}, guard="tiny-random"))  # doctest: +SKIP
+    """
+    guard = guard or (pipeline.guard if pipeline is not None else ImageGuard(config.guard))
+    if config.mode == "local" and pipeline is None:
+        from ._local import build_pipeline
+
+        pipeline = build_pipeline(config, guard)
+    state = ServerState(config, guard, pipeline, transport)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.gate = AdmissionGate(config.max_concurrency, config.max_queue)
+        if config.upstream is not None:
+            from ._upstream import UpstreamClient
+
+            state.upstream = UpstreamClient(config.upstream, transport=transport)
+        warm = asyncio.get_running_loop().run_in_executor(None, state.warm)
+        try:
+            yield
+        finally:
+            warm.cancel()
+            await asyncio.get_running_loop().run_in_executor(None, state.batcher.close)
+            if state.upstream is not None:
+                await state.upstream.aclose()
+
+    app = FastAPI(title="GuardAlign", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.guardalign = state
+
+    @app.exception_handler(ServerError)
+    async def _server_error(request: Request, err: ServerError) -> Response:
+        return from_server_error(err)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, err: ClientGone) -> Response:
+        state.metrics.rejections.labels("client_disconnected").inc()
+        return Response(status_code=499)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return error_response(err.status_code, str(err.detail), code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> Response:
+        return error_response(400, "the request is not valid", "invalid_request")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if state.ready.is_set():
+            return JSONResponse({"status": "ready", "mode": config.mode})
+        status = "failed" if state.warm_error else "warming"
+        return JSONResponse({"status": status, "mode": config.mode}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        state.authenticate(request)
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    from . import _gateway, _litellm, _scan
+
+    _gateway.register(app, state)
+    _scan.register(app, state)
+    _litellm.register(app, state)
+    app.add_middleware(EdgeMiddleware, state=state)
+    return app

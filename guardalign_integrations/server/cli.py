@@ -1,0 +1,83 @@
+"""``guardalign serve`` / ``guardalign-serve``: argument parsing and start-up of the server.
+
+:func:`add_serve_arguments` adds the flags to any ``argparse`` parser (so the main
+``guardalign`` CLI can mount it as a sub-command); :func:`run_serve` builds the
+:class:`~guardalign_integrations.server.config.ServerConfig` (file, then flags, then the
+environment for secrets only) and serves it with uvicorn until SIGINT/SIGTERM, draining
+in-flight requests for ``drain_timeout_s``.
+
+Environment variables (read here only): ``GUARDALIGN_API_KEY`` (a key callers must send, if
+no ``--api-key``) and ``GUARDALIGN_UPSTREAM_API_KEY`` (the server's own upstream key, if the
+file sets none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Mapping, Sequence
+
+from .config import ServerConfig, load_server_config
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``serve`` flags to ``parser`` (flags override the ``--config`` file)."""
+    parser.add_argument("--config", help="server config file (YAML or JSON; see docs/server.md)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--upstream", metavar="URL", help="gateway mode: the upstream OpenAI-compatible base URL, e.g. http://127.0.0.1:11434/v1")
+    mode.add_argument("--model", metavar="ID_OR_PATH", help="local mode: a Hugging Face hub id or checkpoint folder to serve")
+    parser.add_argument("--guard", metavar="PRESET_OR_FILE", help="guard preset name or GuardConfig file (default: 'default')")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1; anything else requires an API key)")
+    parser.add_argument("--port", type=int, help="port to bind (default 8000)")
+    parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="a key callers must send (repeatable)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    return parser
+
+
+def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """The server config from ``--config``, the flags and (secrets only) the environment.
+
+    Raises:
+        ValueError: invalid settings (pydantic names the field).
+    """
+    environ = os.environ if environ is None else environ
+    api_keys = args.api_keys or ([environ["GUARDALIGN_API_KEY"]] if environ.get("GUARDALIGN_API_KEY") else None)
+    config = load_server_config(args.config, upstream=args.upstream, model=args.model, guard=args.guard, host=args.host,
+                                port=args.port, api_keys=api_keys)
+    upstream_key = environ.get("GUARDALIGN_UPSTREAM_API_KEY")
+    if config.upstream is not None and config.upstream.api_key is None and upstream_key:
+        config = config.model_copy(update={"upstream": config.upstream.model_copy(update={"api_key": upstream_key})})
+    return config
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until interrupted; returns the exit status (2: invalid configuration)."""
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = build_config(args)
+    except ValueError as err:
+        print(f"guardalign serve: {err}", file=sys.stderr)  # noqa: T201 (CLI edge)
+        return 2
+    from .app import create_app
+
+    app = create_app(config)
+    logger.info("serving %s mode on %s:%d (guard %s)", config.mode, config.host, config.port, config.guard)
+    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level=args.log_level,
+                timeout_graceful_shutdown=int(config.drain_timeout_s) or None)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``guardalign-serve`` console script."""
+    parser = add_serve_arguments(argparse.ArgumentParser(prog="guardalign-serve", description="Serve GuardAlign over HTTP."))
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Local mode: a tiny random LVLM checkpoint on disk, served with the full method, through the openai SDK."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("transformers")
+
+from guardalign_integrations.server import ServerConfig, create_app  # noqa: E402
+from guardalign_integrations.server.testing import ServerThread  # noqa: E402
+from server_helpers import ALL_UNSAFE, NONE_UNSAFE, data_url, make_guard, png_bytes, wait_ready  # noqa: E402,F401
+
+PREFIX = "As an AI assistant, "
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    from guardalign_core.testing.tiny_lvlm import save_tiny_lvlm
+
+    return save_tiny_lvlm("llava", tmp_path_factory.mktemp("tiny-llava") / "tiny-llava")
+
+
+@pytest.fixture(scope="module")
+def local_server(tiny_llava, make_guard):
+    config = ServerConfig(model={"model_id": str(tiny_llava), "suppress_special_tokens": True, "max_new_tokens": 12})
+    app = create_app(config, guard=make_guard(ALL_UNSAFE))
+    with ServerThread(app) as server:
+        wait_ready(server.url, timeout=120)
+        yield server, app
+
+
+def image_request(png: bytes) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png, "image/png")}},
+                                         {"type": "text", "text": "Describe the image."}]}]
+
+
+def test_local_model_answers_with_prefix_calibration_and_usage(local_server, png_bytes):
+    server, app = local_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="tiny-llava", messages=image_request(png_bytes), max_tokens=5, seed=1)
+    completion = raw.parse()
+    assert raw.headers["x-guardalign-decision"] == "mask"
+    assert completion.choices[0].message.content.startswith(PREFIX)  # the safety prefix, kept in the answer (ETA)
+    assert completion.usage.completion_tokens <= 5 and completion.usage.prompt_tokens > 10
+    assert completion.choices[0].finish_reason in ("length", "stop")
+    summary = raw.http_response.json()["guardalign"]
+    assert summary["decision"] == "mask" and summary["prefix_applied"] is True
+    assert summary["calibration"]["layers"] == [1, 2]  # the middle half of the 4 decoder layers
+    assert [m.id for m in client.models.list().data] == ["tiny-llava"]
+
+
+def test_local_model_streams_tokens(local_server, png_bytes):
+    server, _ = local_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    stream = client.chat.completions.create(model="tiny-llava", messages=image_request(png_bytes), max_tokens=6, stream=True,
+                                            stream_options={"include_usage": True}, temperature=0.7, top_p=0.9, seed=3)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith(PREFIX)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2  # more than one delta
+    assert chunks[-1].usage is not None and 1 <= chunks[-1].usage.completion_tokens <= 6
+
+
+def test_local_model_greedy_is_repeatable_and_honours_stop(local_server):
+    server, _ = local_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    messages = [{"role": "user", "content": "Describe the image."}]
+    first = client.chat.completions.create(model="m", messages=messages, max_tokens=8).choices[0].message.content
+    second = client.chat.completions.create(model="m", messages=messages, max_tokens=8).choices[0].message.content
+    assert first == second
+    answer = first[len(PREFIX):]
+    if answer:
+        stop = answer[len(answer) // 2:][:2]
+        cut = client.chat.completions.create(model="m", messages=messages, max_tokens=8, stop=[stop]).choices[0].message.content
+        assert stop not in cut[len(PREFIX):] and first.startswith(cut)
+
+
+def test_local_model_refuses_tools_with_a_clear_400(local_server):
+    server, _ = local_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], tools=tools)
+    assert err.value.code == "unsupported_parameter" and "tool" in str(err.value)
+
+
+def test_local_model_blocks_without_generating(tiny_llava, make_guard, png_bytes):
+    config = ServerConfig(model={"model_id": str(tiny_llava), "suppress_special_tokens": True, "max_new_tokens": 4})
+    app = create_app(config, guard=make_guard(ALL_UNSAFE, action="block"))
+    with ServerThread(app) as server:
+        wait_ready(server.url, timeout=120)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+        completion = client.chat.completions.create(model="m", messages=image_request(png_bytes))
+        assert completion.choices[0].finish_reason == "content_filter"
+
+
+def test_leaving_a_local_stream_stops_generation(tiny_llava, make_guard):
+    config = ServerConfig(model={"model_id": str(tiny_llava), "suppress_special_tokens": True, "max_new_tokens": 400})
+    app = create_app(config, guard=make_guard(NONE_UNSAFE))
+    with ServerThread(app) as server:
+        wait_ready(server.url, timeout=120)
+        lvlm = app.state.guardalign.pipeline.lvlm
+        steps = []
+        hook = lvlm.model.register_forward_hook(lambda *args: steps.append(1))
+        try:
+            body = {"model": "m", "stream": True, "max_tokens": 400, "messages": [{"role": "user", "content": "hi"}]}
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
+                for _ in zip(range(3), response.iter_lines()):
+                    pass
+            deadline = time.monotonic() + 60
+            # the runner's generation slot (max_concurrent=1) comes free when the generation ends
+            while not lvlm._slots.acquire(blocking=False):
+                assert time.monotonic() < deadline, "the generation never ended"
+                time.sleep(0.05)
+            lvlm._slots.release()
+        finally:
+            hook.remove()
+        # special tokens (EOS included) are suppressed: without the cancel it would run all 400 steps
+        assert 0 < len(steps) < 200

@@ -21,7 +21,7 @@ from .concepts import ConceptBank, bank_from_config
 from .config import DetectorConfig, GuardConfig, PolicyConfig, resolve_config
 from .encoders import ClipEncoder, get_clip_encoder
 from .errors import ImageError
-from .images import ImageLimits, ImageSource, load_image
+from .images import DecodedImage, ImageLimits, ImageSource, decode_image, load_image
 from .masking import Box, grid_boxes, mask_boxes
 from .rules import STATISTICS, PatchDecisions, decide_patches
 from .results import Decision, PatchBox, ScanResult, Status
@@ -174,10 +174,17 @@ class BaseDetector:
     ) -> list[ScanResult]:
         t0 = time.perf_counter()
         decoded: dict[int, Image.Image] = {}
+        reports: dict[int, DecodedImage] = {}
         errors: dict[int, ImageError] = {}
         for i, image in enumerate(images):
             try:
-                decoded[i] = load_image(image, self.image_limits, source=labels[i])
+                if isinstance(image, (bytes, bytearray, memoryview)):
+                    # Bytes are what adapters forward: keep the decoder's word on whether a model
+                    # decoding them would see exactly these pixels (alpha, frames, 16-bit, EXIF).
+                    reports[i] = decode_image(bytes(image), self.image_limits, source=labels[i])
+                    decoded[i] = reports[i].rgb
+                else:
+                    decoded[i] = load_image(image, self.image_limits, source=labels[i])
             except ImageError as err:
                 if raise_errors:
                     raise
@@ -196,6 +203,13 @@ class BaseDetector:
                 results.append(self._error_result(offset + i, labels[i], by_index[i].error, policy, image=decoded[i]))
             else:
                 results.append(self._result(offset + i, labels[i], decoded[i], by_index[i], policy, per_image))
+            if i in reports:
+                report = reports[i]
+                results[-1] = results[-1].model_copy(update={
+                    "input_format": report.format,
+                    "forward_as_sent": report.forward_as_sent,
+                    "reencode_reason": report.why_reencode or None,
+                })
         return results
 
     def _base_fields(self, index: int, label: str, policy: PolicyConfig) -> dict[str, Any]:

@@ -57,9 +57,10 @@ def config_fingerprint(config: GuardConfig, detector: Any = None) -> str:
         detector_config = getattr(detector, "config", None)
         if detector_config is not None:
             parts.append(detector_config.model_dump_json())
-        bank = getattr(detector, "bank", None)
-        if bank is not None and hasattr(bank, "fingerprint"):
-            parts.append(bank.fingerprint())
+        for attribute in ("bank", "reference"):  # the unsafe bank and the contrast rule's reference bank
+            bank = getattr(detector, attribute, None)
+            if bank is not None and hasattr(bank, "fingerprint"):
+                parts.append(f"{attribute}:{bank.fingerprint()}")
     return _digest("\n".join(parts).encode())
 
 

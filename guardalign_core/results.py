@@ -66,6 +66,11 @@ class ScanResult(BaseModel):
     rule: str | None = Field(None, description="OT decision rule: 'contrast', 'scaled' or 'paper' (None: cosine baseline).")
     backbone: str = Field(description="The CLIP backbone identity, e.g. 'ViT-B-32/openai'.")
     policy: str = Field(description="The action applied to unsafe inputs: mask, block or flag.")
+    input_format: str | None = Field(None, description="Pillow format of the input bytes (None: not decoded from bytes).")
+    forward_as_sent: bool | None = Field(
+        None, description="Whether a model decoding the original bytes sees exactly the scanned pixels (False: forward them re-encoded)."
+    )
+    reencode_reason: str | None = Field(None, description="Why the original bytes must not be forwarded as sent (alpha, frames, ...).")
     image_size: tuple[int, int] | None = Field(None, description="(width, height) of the decoded input.")
     grid: tuple[int, int] | None = Field(None, description="(rows, cols) of the patch grid.")
     scores: list[list[float]] | None = Field(

@@ -21,7 +21,8 @@ from PIL import Image
 
 from .config import GuardConfig, PolicyConfig
 from .errors import ImageError
-from .images import ImageLimits, ImageSource, encode_png, read_content_bytes, read_image_bytes
+from .forwarding import EncodedImage, encode_for_forwarding
+from .images import ImageLimits, ImageSource, read_content_bytes, read_image_bytes
 from .masking import mask_boxes
 from .memory import CheckedImageMemory, config_fingerprint
 from .results import Decision, ScanResult, Status
@@ -79,24 +80,24 @@ def sniff_mime(data: bytes) -> str | None:
     return None
 
 
-def _encode_forwarded(image: Image.Image, like_format: str | None) -> tuple[bytes, str]:
+def _encode_forwarded(image: Image.Image, like_format: str | None, limits: ImageLimits) -> EncodedImage:
     """The one re-encode of pixels that are forwarded (sanitised images, pixels whose original cannot go as sent).
 
-    Lossless PNG for now, so masked pixels stay exactly zero.
-    TODO(images): swap in ``images.encode_for_forwarding(image, like_format=..., max_bytes=...)``.
+    The input's format where that is safe (JPEG stays JPEG, PNG stays PNG), never more than
+    ``limits.max_output_bytes`` (downscaled if needed: the verdict then says so), and a MIME
+    type that names the bytes.
     """
-    return encode_png(image), "image/png"
+    return encode_for_forwarding(image, like_format=like_format, max_bytes=limits.max_output_bytes)
 
 
-def _forward_original(data: bytes, result: ScanResult) -> bool:
+def _forward_original(data: bytes, result: ScanResult, limits: ImageLimits) -> bool:
     """Whether the checked bytes themselves may be forwarded (else the checked pixels are re-encoded).
 
-    The one place for that decision. An image whose pixels a provider could see differently
-    from the checked RGB (alpha composited on another background, later animation frames,
-    16-bit depth) must go as the re-encoded checked pixels.
-    TODO(images): use the decode report of ``images`` (whether the bytes can be forwarded as sent).
+    Only when the decoder said a model decoding them sees exactly the scanned pixels (no
+    alpha composited away, no later animation frames, no 16-bit depth, no EXIF rotation), and
+    they fit the per-image output budget.
     """
-    return True
+    return bool(result.forward_as_sent) and len(data) <= limits.max_output_bytes
 
 
 def _budget_refusal(count: int, limits: ImageLimits) -> str | None:
@@ -184,11 +185,17 @@ def _verdict(index: int, label: str, result: ScanResult, checked: bytes | Image.
     if result.status != Status.OK:
         return ImageVerdict(index, label, result, Forward.AS_SENT, checked=raw, limits=limits)
     pixels = result.masked_image
-    if result.decision != Decision.MASK and raw is not None and _forward_original(raw, result):
+    if result.decision != Decision.MASK and raw is not None and _forward_original(raw, result, limits):
         mime = sniff_mime(raw) or declared or "application/octet-stream"
         return ImageVerdict(index, label, result, Forward.BYTES, data=raw, mime=mime, checked=raw, pixels=pixels, limits=limits)
-    data, mime = _encode_forwarded(pixels, sniff_mime(raw) if raw is not None else None)
-    return ImageVerdict(index, label, result, Forward.BYTES, data=data, mime=mime, checked=raw, sanitised=True, pixels=pixels, limits=limits)
+    encoded = _encode_forwarded(pixels, result.input_format, limits)
+    if encoded.downscaled:
+        result = result.model_copy(update={"reason": f"{result.reason}; downscaled to {encoded.size[0]}x{encoded.size[1]} to fit ImageLimits.max_output_bytes"})
+    elif result.decision != Decision.MASK and result.reencode_reason:
+        result = result.model_copy(update={"reason": f"{result.reason}; forwarded re-encoded ({result.reencode_reason})"})
+    return ImageVerdict(
+        index, label, result, Forward.BYTES, data=encoded.data, mime=encoded.mime, checked=raw, sanitised=True, pixels=pixels, limits=limits
+    )
 
 
 def screen_images(

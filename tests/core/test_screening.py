@@ -43,14 +43,14 @@ def test_a_decoder_failure_that_is_not_an_image_error_fails_only_its_own_image(m
     import guardalign_core.detector as detector_module
 
     poison, good = _png(1), _png(2)
-    real = detector_module.load_image
+    real = detector_module.decode_image  # bytes from content are decoded here
 
     def fragile(image: Any, *args: Any, **kwargs: Any) -> Any:
         if image == poison:
             raise RuntimeError("decoder bug")  # e.g. a Pillow plugin raising something unexpected
         return real(image, *args, **kwargs)
 
-    monkeypatch.setattr(detector_module, "load_image", fragile)
+    monkeypatch.setattr(detector_module, "decode_image", fragile)
     verdict = make_guard(threshold=-1.0, fail_open=True).screen([ContentImage("bad", source=poison), ContentImage("good", source=good)])
     bad, ok = verdict.images
     assert bad.result.status == Status.ERROR and "decoder bug" not in (bad.result.error or "")
@@ -107,3 +107,41 @@ def test_a_reused_verdict_decodes_its_pixels_once_from_the_forwarded_bytes(make_
     again = guard.screen([ContentImage("x", source=data)]).images[0]
     assert again.reused and again.data == first.data
     assert again.pixels() is again.pixels() and np.array_equal(np.asarray(again.pixels()), np.asarray(first.pixels()))
+
+
+def test_transparent_pixels_are_forwarded_as_scanned_not_as_sent(make_guard):
+    """Attack: content hidden under alpha = 0. The detector sees it composited on white; a
+    provider that drops alpha would see the hidden pixels. What is forwarded must be what was scanned."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    hidden = np.zeros((48, 48, 4), dtype=np.uint8)
+    hidden[..., 0] = 255  # pure red everywhere ...
+    hidden[..., 3] = 0  # ... fully transparent
+    buffer = io.BytesIO()
+    Image.fromarray(hidden, "RGBA").save(buffer, format="PNG")
+    verdict = make_guard(threshold=-1.0).screen([ContentImage("alpha", source=buffer.getvalue())])
+    (image,) = verdict.images
+    assert image.forward == Forward.BYTES and image.data != buffer.getvalue()
+    forwarded = np.asarray(Image.open(io.BytesIO(image.data)).convert("RGBA"))
+    assert forwarded[..., 3].min() == 255 and (forwarded[..., :3] == 255).all()  # opaque white: exactly what was scanned
+    assert "re-encoded" in image.result.reason
+
+
+def test_a_masked_jpeg_stays_jpeg_and_fits_the_output_budget(make_guard):
+    """A masked photo must not balloon into a multi-megabyte PNG that the provider rejects."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=90)
+    guard = make_guard(threshold=1e9)
+    (image,) = guard.screen([ContentImage("photo", source=buffer.getvalue())]).images
+    assert image.result.decision.value == "mask" and image.mime == "image/jpeg" and image.data[:3] == b"\xff\xd8\xff"
+    assert len(image.data) <= guard.config.images.max_output_bytes

@@ -49,9 +49,9 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``guardalign`` script."""
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run a command (the ``guardalign`` script goes through :mod:`guardalign_cli`, which adds ``serve``)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     ensure_torchvision_importable()

@@ -346,23 +346,51 @@ def _data_url(mime: str, data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+_MAX_OPTION_TEXT = 256
+"""Option values (``detail``, ``cache_control``, ...) are short; a longer string may be a payload."""
+
+
+def _long_text(value: Any, depth: int = 0) -> bool:
+    if depth > 16:
+        return True
+    if isinstance(value, str):
+        return len(value) > _MAX_OPTION_TEXT
+    if isinstance(value, Mapping):
+        return any(_long_text(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_long_text(v, depth + 1) for v in value)
+    return False
+
+
+def _options(item: Mapping[str, Any], drop: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """The keys of a block that are provider options, never a second source of the image.
+
+    Everything that could carry media (a source key, binary data, a URL or path, any long
+    string) is dropped: a provider must find no other copy of the image than the checked one.
+    """
+    return {
+        k: v for k, v in item.items()
+        if k not in drop and k not in _SOURCE_KEYS and k not in _MEDIA_KEYS and not _carries_media(v) and not _long_text(v)
+    }
+
+
 def _rewrite(item: Mapping[str, Any], shape: str, data: bytes, mime: str) -> dict[str, Any]:
-    """The block ``item`` holding exactly ``data`` as ``mime``, inline; every non-source key kept."""
+    """The block ``item`` holding exactly ``data`` as ``mime``, inline; only option keys kept."""
     b64 = base64.b64encode(data).decode("ascii")
     if shape == "openai":
         value = item.get("image_url")
-        options = {k: v for k, v in value.items() if k != "url"} if isinstance(value, Mapping) else {}
-        return {**item, "image_url": {**options, "url": _data_url(mime, data)}}
+        nested = _options(value) if isinstance(value, Mapping) else {}
+        return {**_options(item), "type": item.get("type", "image_url"), "image_url": {**nested, "url": _data_url(mime, data)}}
     if shape == "input_image":
-        return {**{k: v for k, v in item.items() if k not in ("image_url", "file_id")}, "image_url": _data_url(mime, data)}
+        return {**_options(item), "type": item.get("type", "input_image"), "image_url": _data_url(mime, data)}
     if shape == "anthropic":
-        return {**item, "type": "image", "source": {"type": "base64", "media_type": mime, "data": b64}}
+        return {**_options(item), "type": "image", "source": {"type": "base64", "media_type": mime, "data": b64}}
     if shape == "media":
         payload: Any = data if isinstance(item.get("data"), (bytes, bytearray)) else b64
-        return {**{k: v for k, v in item.items() if k != "file_uri"}, "mime_type": mime, "data": payload}
+        return {**_options(item), "type": item.get("type", "media"), "mime_type": mime, "data": payload}
     # v1 / v0 / file blocks: the standard v1 image block
-    drop = _SOURCE_KEYS | ({"id"} if item.get("source_type") == "id" else set()) | {"filename"}
-    return {**{k: v for k, v in item.items() if k not in drop}, "type": "image", "base64": b64, "mime_type": mime}
+    drop = {"id"} if item.get("source_type") == "id" else set()
+    return {**_options(item, drop | {"filename"}), "type": "image", "base64": b64, "mime_type": mime}
 
 
 def _replace_at(container: Any, path: tuple[Any, ...], new: Any) -> Any:

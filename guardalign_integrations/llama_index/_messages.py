@@ -61,7 +61,7 @@ __all__ = [
     "write_back",
 ]
 
-_TEXT_ONLY = (TextBlock, ThinkingBlock, ToolCallBlock, CachePoint, AudioBlock)
+_TEXT_ONLY = (TextBlock, ThinkingBlock, ToolCallBlock, CachePoint)
 """Block types known to carry no image."""
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
@@ -128,9 +128,21 @@ def _document(block: DocumentBlock, path: tuple[int, ...], label: str) -> FoundB
         return FoundBlock(path, ContentImage(label, source=Path(block.path), mime=mime or None), block)
     elif block.url is not None and mime.startswith("image/"):
         return FoundBlock(path, ContentImage(label, source=str(block.url), mime=mime), block)
+    if block.path is not None or block.url is not None:
+        # A provider resolves these itself: a path is a local file read on the caller's behalf,
+        # a URL content the guard never saw.
+        return _refused(path, label, block, "names a file or URL the guard does not read; send the document inline")
     if mime.startswith("text/"):
         return None
     return _refused(path, label, block, f"({mime or 'no MIME type'}) may carry images the guard cannot check")
+
+
+def _audio(block: AudioBlock, path: tuple[int, ...], label: str) -> FoundBlock | None:
+    if block.path is not None or block.url is not None:
+        return _refused(path, label, block, "names a file or URL the guard does not read; send the audio inline")
+    if block.audio is not None and sniff_mime(_raw(block.audio)) is not None:
+        return _refused(path, label, block, "holds image bytes under an audio label")
+    return None
 
 
 def _block(block: Any, path: tuple[int, ...], label: str, allow: frozenset[str]) -> list[FoundBlock]:
@@ -140,6 +152,9 @@ def _block(block: Any, path: tuple[int, ...], label: str, allow: frozenset[str])
         return [_image_block(block, path, label)]
     if type(block).__name__ in allow:
         return []
+    if isinstance(block, AudioBlock):
+        found = _audio(block, path, label)
+        return [found] if found is not None else []
     if isinstance(block, DocumentBlock):
         found = _document(block, path, label)
         return [found] if found is not None else []

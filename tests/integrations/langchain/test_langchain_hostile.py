@@ -162,3 +162,29 @@ def test_local_files_in_message_content_are_not_read(make_config: Callable[..., 
         verdict = _guard(make_config).check([HumanMessage(content=[{"type": "image", "url": url}])])
         assert verdict.blocked and "local file" in (verdict.images[0].result.error or "")
         assert "no such file" not in verdict.images[0].result.error and "bytes" not in verdict.images[0].result.error
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"base64": "ORIGINAL", "mime_type": "image/png"},  # a v1 source beside the Anthropic one
+        {"image_url": {"url": "data:image/png;base64,ORIGINAL"}},
+        {"inline_data": {"mime_type": "image/png", "data": "ORIGINAL"}},
+        {"image": "ORIGINAL"},
+        {"note": "data:image/png;base64,ORIGINAL"},
+        {"img": "ORIGINAL"},  # raw base64 under a key nobody lists
+    ],
+)
+def test_a_second_copy_of_the_image_beside_the_screened_source_is_dropped(
+    make_config: Callable[..., Any], image_paths: list[Path], extra: dict[str, Any]
+) -> None:
+    """Attack (red team): the guard masks the source it reads, a provider reads another key of the same block."""
+    original = b64(image_paths[0])
+    extra = {k: (v.replace("ORIGINAL", original) if isinstance(v, str) else
+                 {kk: vv.replace("ORIGINAL", original) for kk, vv in v.items()}) for k, v in extra.items()}
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": original}, **extra,
+             "cache_control": {"type": "ephemeral"}}
+    received, _ = _forwarded(_guard(make_config), HumanMessage(content=[{"type": "text", "text": "q"}, block]))
+    out = received.content[1]
+    assert original not in repr(out)  # no copy of the unchecked image survives anywhere in the block
+    assert _black(base64.b64decode(out["source"]["data"])) and out["cache_control"] == {"type": "ephemeral"}

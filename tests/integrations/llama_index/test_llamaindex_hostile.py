@@ -154,3 +154,31 @@ def test_prefill_without_trailing_whitespace_reaches_the_provider(make_config, r
     llm = GuardAlignLLM(recording_llm, make_config(100.0, prefill=True, local_files=False))
     llm.chat([ChatMessage(role=MessageRole.USER, blocks=[ImageBlock(image=benign_path.read_bytes())])])
     assert recording_llm.last_messages[-1].content == recording_llm.last_messages[-1].content.rstrip()
+
+
+def test_documents_and_audio_naming_local_files_are_refused_not_forwarded(tmp_path) -> None:
+    """Attack (red team): a text/plain DocumentBlock or an AudioBlock with a path is forwarded, and the
+    provider's resolve_*() reads the server's file (here a PNG behind a .txt name)."""
+    from llama_index.core.base.llms.types import AudioBlock, ChatMessage, DocumentBlock, TextBlock
+
+    from guardalign_integrations.llama_index._messages import find_images
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("server secret")
+    for block in (
+        DocumentBlock(path=secret, document_mimetype="text/plain"),
+        DocumentBlock(url="http://127.0.0.1:9/doc.txt", document_mimetype="text/plain"),
+        AudioBlock(path=secret),
+    ):
+        found = find_images([ChatMessage(role="user", blocks=[TextBlock(text="q"), block])])
+        assert len(found) == 1 and found[0].image.refusal, type(block).__name__
+        assert str(tmp_path) not in found[0].image.refusal  # says nothing about the file system
+
+
+def test_image_bytes_under_an_audio_label_are_refused(benign_path) -> None:
+    from llama_index.core.base.llms.types import AudioBlock, ChatMessage
+
+    from guardalign_integrations.llama_index._messages import find_images
+
+    found = find_images([ChatMessage(role="user", blocks=[AudioBlock(audio=benign_path.read_bytes(), format="wav")])])
+    assert len(found) == 1 and found[0].image.refusal

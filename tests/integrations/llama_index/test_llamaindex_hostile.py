@@ -98,7 +98,7 @@ def test_one_bad_node_does_not_abort_the_rag_query(make_config, benign_path, mon
     import guardalign_core.detector as detector_module
 
     poison = benign_path.read_bytes()[:-7] + b"garbage"
-    real = detector_module.load_image
+    real = detector_module.decode_image
 
     def fragile(image, *args, **kwargs):
         if image == poison:
@@ -108,7 +108,7 @@ def test_one_bad_node_does_not_abort_the_rag_query(make_config, benign_path, mon
     import struct
 
     struct_error = struct.error
-    monkeypatch.setattr(detector_module, "load_image", fragile)
+    monkeypatch.setattr(detector_module, "decode_image", fragile)
     good = ImageNode(image=base64.b64encode(benign_path.read_bytes()).decode(), id_="good")
     bad = ImageNode(image=base64.b64encode(poison).decode(), id_="bad")
     out = GuardAlignImagePostprocessor(make_config(-1.0, local_files=False)).postprocess_nodes(

@@ -108,8 +108,10 @@ class _Fetch:
         except RemoteImageError as err:
             self.error = err
         except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as err:
-            if self._aborted.is_set():
-                self.error = self._fail("the download was cut off at the deadline")
+            if self._aborted.is_set() or isinstance(err, TimeoutError) or time.monotonic() >= self.deadline:
+                self.error = self._fail(
+                    f"the download did not finish within {self.limits.fetch_timeout_s:g} s (ImageLimits.fetch_timeout_s)"
+                )
             else:
                 self.error = self._fail(f"fetch failed ({type(err).__name__})")
         finally:

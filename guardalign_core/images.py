@@ -78,13 +78,14 @@ def _check_encoded_size(nbytes: int, limits: ImageLimits, source: str | None) ->
         )
 
 
-def _check_base64_length(text: str, limits: ImageLimits, source: str | None) -> None:
-    """Refuse base64 whose decoded size would exceed ``max_bytes``, before decoding (or copying) it."""
+def _check_base64_length(text: str, limits: ImageLimits, source: str | None, start: int = 0) -> None:
+    """Refuse base64 (``text[start:]``) that would decode to over ``max_bytes``, before decoding or copying it."""
     longest = 4 * ((limits.max_bytes + 2) // 3)  # base64 characters that decode to max_bytes
-    if len(text) <= longest:
+    length = len(text) - start
+    if length <= longest:
         return
-    if len(text) <= 2 * longest:  # MIME-style line breaks add ~3%; count them without copying
-        payload = len(text) - sum(text.count(c) for c in _WHITESPACE)
+    if length <= 2 * longest:  # MIME-style line breaks add ~3%; count them without copying
+        payload = length - sum(text.count(c, start) for c in _WHITESPACE)
         if payload <= longest:
             return
     raise ImageTooLargeError(
@@ -111,8 +112,7 @@ def decode_data_url(url: str, *, source: str | None = None, limits: ImageLimits 
         raise UnsupportedImageFormatError(f"data URL has MIME type {match.group('mime')[:40]!r}, not image/*", source=source)
     payload_length = len(url) - comma - 1
     if match.group("b64"):
-        if payload_length > 2 * 4 * ((limits.max_bytes + 2) // 3):
-            _check_base64_length(url, limits, source)  # raises: too long even allowing for whitespace
+        _check_base64_length(url, limits, source, start=comma + 1)  # before the payload is sliced out
         return _b64decode(url[comma + 1 :], source=source, limits=limits)
     if payload_length > 3 * limits.max_bytes:  # percent-encoding: at most 3 characters per byte
         _check_encoded_size(payload_length // 3, limits, source)

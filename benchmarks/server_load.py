@@ -169,14 +169,14 @@ def image_variants(data: bytes, n: int) -> list[bytes]:
 
 def detector_alone_ms(guard_file: str, variants: list[bytes]) -> list[float]:
     """The core guard on the same images in this process: read, decode, scan, mask (no HTTP)."""
-    from guardalign_core.guard import ImageGuard
+    from guardalign_core.guard import ContentImage, ImageGuard
 
     guard = ImageGuard(guard_file)
-    guard.scan_checked([variants[0]], reuse=False)  # warm
+    guard.screen([ContentImage("warm-up", source=variants[0])], reuse=False)  # warm
     times = []
     for data in variants:
         t0 = time.perf_counter()
-        guard.scan_checked([data], reuse=False)
+        guard.screen([ContentImage("image", source=data)], reuse=False)
         times.append((time.perf_counter() - t0) * 1000)
     return times
 

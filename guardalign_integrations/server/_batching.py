@@ -1,13 +1,22 @@
-"""Micro-batching: scans from concurrent requests share one detector batch.
+"""Micro-batching: the detector work of concurrent ``ImageGuard.screen`` calls shares one batch.
 
-What: :class:`ScanBatcher.scan` has the signature of ``ImageGuard.scan_checked`` for one
-request; calls that arrive within ``window_ms`` of each other (up to ``max_images``) are
-concatenated and scanned in one detector call by one worker thread, and each caller gets
-its own slice back. On a GPU this turns 32 one-image forward passes into one.
+What: :meth:`ScanBatcher.screen` is ``guard.screen`` for one request, run through the core
+screening step unchanged (reader, budget, memory, policy, what to forward: all the core's).
+Only the one detector call that step makes for the images it has not seen before is routed
+through this batcher: calls that arrive within ``window_ms`` of each other (up to
+``max_images``) are concatenated and scanned in one detector call by one worker thread, and
+each caller gets its own slice back. On a GPU this turns 32 one-image forward passes into one.
+
+How: each request is screened by a throw-away :class:`ImageGuard` view of the server's guard
+(same config, same memory) whose detector is a :class:`_BatchedDetector`: the real detector
+with ``scan`` sent to the worker. The view's type name is the real detector's, so the
+memory fingerprint (:func:`guardalign_core.memory.config_fingerprint`) is the same and
+verdicts are shared with direct ``guard.screen`` calls.
 
 Why a thread and not the event loop: the scan is blocking torch work, and the callers are
-worker threads already (screening runs off the loop). A batch that raises is retried one
-request at a time, so one hostile request cannot fail its neighbours.
+worker threads already (screening runs off the loop). A merged batch that raises is retried
+one request at a time, so one hostile request cannot fail its neighbours (the core then
+splits that request's own batch until the culprit is alone).
 """
 
 from __future__ import annotations
@@ -17,31 +26,60 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from guardalign_core.guard import CheckedScan, ImageGuard
+from guardalign_core.config import PrefixConfig
+from guardalign_core.guard import ContentImage, ImageGuard, RequestVerdict
+from guardalign_core.results import ScanResult
 
 logger = logging.getLogger(__name__)
 
 
 class _Item:
-    __slots__ = ("images", "labels", "future")
+    __slots__ = ("detector", "images", "labels", "policy", "future")
 
-    def __init__(self, images: list[bytes], labels: list[str]) -> None:
-        self.images = images
-        self.labels = labels
-        self.future: Future[CheckedScan] = Future()
+    def __init__(self, detector: Any, images: list[Any], labels: list[str], policy: Any) -> None:
+        self.detector, self.images, self.labels, self.policy = detector, images, labels, policy
+        self.future: Future[list[ScanResult]] = Future()
+
+
+class _BatchedDetector:
+    """The guard's detector with :meth:`scan` sent through a :class:`ScanBatcher`; everything else is the detector's."""
+
+    def __init__(self, detector: Any, batcher: ScanBatcher) -> None:
+        self._detector = detector
+        self._batcher = batcher
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._detector, name)
+
+    def scan(self, images: Any, *, sources: Sequence[str] | None = None, policy: Any = None, **kwargs: Any) -> list[ScanResult]:
+        images = list(images)
+        if kwargs or sources is None or len(sources) != len(images):
+            return self._detector.scan(images, sources=sources, policy=policy, **kwargs)  # not the screening step's call
+        return self._batcher.submit(self._detector, images, list(sources), policy)
+
+
+_PROXY_TYPES: dict[type, type] = {}
+
+
+def _proxy_type(cls: type) -> type:
+    """A :class:`_BatchedDetector` type named like ``cls`` (the memory fingerprint includes the detector's type name)."""
+    proxy = _PROXY_TYPES.get(cls)
+    if proxy is None:
+        proxy = _PROXY_TYPES.setdefault(cls, type(cls.__name__, (_BatchedDetector,), {"__qualname__": cls.__qualname__}))
+    return proxy
 
 
 class ScanBatcher:
-    """Merge concurrent scans into detector batches (or scan directly when disabled).
+    """Run ``guard.screen`` with the detector calls of concurrent requests merged (or directly when disabled).
 
     Args:
-        guard: the guard whose ``scan_checked`` runs the batches.
-        enabled: batch (``True``) or call the guard directly (``False``).
+        guard: the server's guard (config, detector, memory).
+        enabled: batch (``True``) or let each request's detector call run alone (``False``).
         window_ms: how long a batch waits for more scans after its first.
         max_images: a batch never holds more images (a larger single request runs alone).
-        on_batch: called with the number of images of every batch (metrics).
+        on_batch: called with the number of images of every detector call (metrics).
     """
 
     def __init__(
@@ -58,21 +96,31 @@ class ScanBatcher:
         self._lock = threading.Lock()
         self._closed = False
 
-    def scan(self, images: list[bytes], labels: list[str]) -> CheckedScan:
-        """Scan one request's images (blocking); the result is as ``guard.scan_checked`` gives it."""
+    def screen(self, images: Sequence[ContentImage], *, prefix: PrefixConfig | None = None) -> RequestVerdict:
+        """``guard.screen(images, prefix=prefix)`` for one request (blocking), its detector work batched with its neighbours'."""
+        guard = self.guard
+        images = list(images)
         if not images:
-            return CheckedScan([], [], [])
+            return guard.screen([], prefix=prefix)
+        detector = guard.detector
+        view = ImageGuard(guard.config, detector=_proxy_type(type(detector))(detector, self), memory=guard.memory)
+        return view.screen(images, prefix=prefix)
+
+    def submit(self, detector: Any, images: list[Any], labels: list[str], policy: Any) -> list[ScanResult]:
+        """One request's detector call (blocking): merged with others when batching is on."""
+        if not images:
+            return []
         if not self.enabled or self._closed:
-            return self._direct(images, labels)
+            return self._direct(detector, images, labels, policy)
         self._start()
-        item = _Item(images, labels)
+        item = _Item(detector, images, labels, policy)
         self._queue.put(item)
         return item.future.result()
 
-    def _direct(self, images: list[bytes], labels: list[str]) -> CheckedScan:
+    def _direct(self, detector: Any, images: list[Any], labels: list[str], policy: Any) -> list[ScanResult]:
         if self.on_batch is not None:
             self.on_batch(len(images))
-        return self.guard.scan_checked(images, sources=labels)
+        return detector.scan(images, sources=labels, policy=policy)
 
     def _start(self) -> None:
         if self._thread is None:
@@ -106,8 +154,8 @@ class ScanBatcher:
                 if item is None:
                     self._queue.put(None)  # finish this batch, then stop
                     break
-                if count + len(item.images) > self.max_images:
-                    pending = item
+                if count + len(item.images) > self.max_images or item.detector is not first.detector or item.policy != first.policy:
+                    pending = item  # a batch is one detector call: one detector, one policy
                     break
                 batch.append(item)
                 count += len(item.images)
@@ -115,20 +163,23 @@ class ScanBatcher:
 
     def _scan_batch(self, batch: list[_Item]) -> None:
         if len(batch) > 1:
+            first = batch[0]
             try:
-                merged = self._direct([i for item in batch for i in item.images], [label for item in batch for label in item.labels])
+                merged = self._direct(first.detector, [i for item in batch for i in item.images],
+                                      [label for item in batch for label in item.labels], first.policy)
+                if len(merged) != sum(len(item.images) for item in batch):
+                    raise RuntimeError("the detector returned a result count that does not match its inputs")
             except Exception:  # noqa: BLE001 (isolate the failing request: retried one by one below)
                 logger.warning("a merged scan batch failed; scanning its %d requests one by one", len(batch))
             else:
                 start = 0
                 for item in batch:
                     end = start + len(item.images)
-                    results = [r.model_copy(update={"index": k}) for k, r in enumerate(merged.results[start:end])]
-                    item.future.set_result(CheckedScan(results, merged.pngs[start:end], merged.contents[start:end]))
+                    item.future.set_result([r.model_copy(update={"index": k}) for k, r in enumerate(merged[start:end])])
                     start = end
                 return
         for item in batch:
             try:
-                item.future.set_result(self._direct(item.images, item.labels))
+                item.future.set_result(self._direct(item.detector, item.images, item.labels, item.policy))
             except BaseException as err:  # noqa: BLE001 (re-raised in the caller's thread)
                 item.future.set_exception(err)

@@ -57,7 +57,7 @@ async def screen(state: Any, request: Request, body: dict[str, Any], *, safety_p
     # images are read and scanned off the event loop; a text-only body is walked in place (microseconds)
     work = run_in_threadpool if _may_hold_images(body) else _call
     try:
-        screened = await work(screen_chat_body, body, state.guard, scan=state.batcher.scan, safety_prompt=safety_prompt)
+        screened = await work(screen_chat_body, body, state.guard, screen=state.batcher.screen, safety_prompt=safety_prompt)
     except ContentError as err:
         state.metrics.rejections.labels(err.code).inc()
         raise ServerError(400, str(err), err.code, param=err.param) from None

@@ -27,9 +27,10 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from guardalign_core.guard import CheckedScan
+from guardalign_core.guard import ContentImage
+from guardalign_core.verdicts import Forward
 
-from ._openai_content import ContentError, ImageBudget, data_url, decision_header, screen_chat_body
+from ._openai_content import ContentError, data_url, declared_mime, decision_header, forwarded_url, screen_chat_body
 
 NONE, BLOCKED, INTERVENED = "NONE", "BLOCKED", "GUARDRAIL_INTERVENED"
 
@@ -51,26 +52,25 @@ def guardrail_answer(state: Any, body: dict[str, Any]) -> tuple[dict[str, Any], 
         return {"action": BLOCKED, "blocked_reason": "GuardAlign: 'images' must be a list of URL strings"}, None
     try:
         if _has_images(messages):
-            screened = screen_chat_body({"messages": messages}, guard, scan=state.batcher.scan, safety_prompt=False)
+            screened = screen_chat_body({"messages": messages}, guard, screen=state.batcher.screen, safety_prompt=False)
             decision = screened.decision
             if screened.blocked:
-                return {"action": BLOCKED, "blocked_reason": f"GuardAlign: {decision.reason}"}, decision
+                return {"action": BLOCKED, "blocked_reason": decision.blocked_reason()}, decision
             if not screened.changed:
                 return {"action": NONE}, decision
-            sanitised = [data_url(png) if png is not None else None for png in screened.pngs]
-            out_images = [s for s in sanitised if s is not None]
+            out_images = [data_url(v.data, v.mime) for v in screened.verdicts if v.forward == Forward.BYTES and v.sanitised]  # type: ignore[arg-type]
             return {"action": INTERVENED, "structured_messages": screened.body["messages"], "images": out_images or None}, decision
         if not images:
             return {"action": NONE}, None
-        budget = ImageBudget(guard.config.images)
-        refs = [budget.read(url, f"images[{i}]") for i, url in enumerate(images)]
-        scanned: CheckedScan = state.batcher.scan([r.data for r in refs], [r.label for r in refs])
-        decision = guard.decide(scanned.results)
+        decision = state.batcher.screen([ContentImage(f"images[{i}]", source=url, mime=declared_mime(url)) for i, url in enumerate(images)])
+        if decision.refused is not None:
+            raise ContentError(decision.refused, code="guardalign_image_budget")
         if decision.blocked:
-            return {"action": BLOCKED, "blocked_reason": f"GuardAlign: {decision.reason}"}, decision
-        if not any(scanned.pngs):
+            return {"action": BLOCKED, "blocked_reason": decision.blocked_reason()}, decision
+        forwarded = [forwarded_url(url, verdict) for url, verdict in zip(images, decision.images)]
+        if all(new is url for new, url in zip(forwarded, images)):
             return {"action": NONE}, decision
-        return {"action": INTERVENED, "images": [data_url(p) if p is not None else images[i] for i, p in enumerate(scanned.pngs)]}, decision
+        return {"action": INTERVENED, "images": [url for url in forwarded if url is not None]}, decision
     except ContentError as err:
         # LiteLLM would forward what we cannot screen: refuse it (default deny)
         state.metrics.rejections.labels(err.code).inc()

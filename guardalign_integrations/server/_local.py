@@ -24,7 +24,6 @@ from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from guardalign_core.errors import ImageError
-from guardalign_core.images import load_image
 from guardalign_core.lvlm import GenerationOptions, get_local_lvlm
 from guardalign_core.pipeline import CheckedRequest, GuardAlignPipeline
 
@@ -75,15 +74,16 @@ def generation_options(body: dict[str, Any], max_new_tokens: int) -> GenerationO
         raise ServerError(400, f"invalid decoding parameters ({type(err).__name__})", "invalid_request") from None
 
 
-def hf_request(body: dict[str, Any], screened: ScreenedBody, limits: Any) -> CheckedRequest:
+def hf_request(body: dict[str, Any], screened: ScreenedBody) -> CheckedRequest:
     """Hugging Face chat messages with one image placeholder per forwardable image, and those images."""
-    results, pngs = screened.decision.results, screened.pngs
     images_by_position: dict[tuple[int, int], Any] = {}
-    for ref, result, png in zip(screened.refs, results, pngs):
+    for ref, verdict in zip(screened.refs, screened.verdicts):
         try:
-            image = load_image(png, limits) if png is not None else (result.masked_image or load_image(ref.data, limits))
+            image = verdict.pixels()  # the checked (masked) pixels; None when nothing may be shown
         except ImageError:
-            continue  # fail_open let an undecodable image through: there are no pixels to show the model
+            continue
+        if image is None:
+            continue  # fail_open let an unchecked image through, or it was dropped: a local model never sees it
         images_by_position[(ref.message, ref.part)] = image
     messages, images = [], []
     for m, message in enumerate(body["messages"]):
@@ -140,7 +140,7 @@ async def local_chat(state: Any, request: Request, body: dict[str, Any], slot: A
     screened = await screen(state, request, body, safety_prompt=False)
     if screened.blocked:
         return blocked_response(state, body, screened)
-    checked = hf_request(body, screened, state.guard.config.images)
+    checked = hf_request(body, screened)
     pipeline = state.pipeline
     extra: dict[str, Any] = {}
     if config.suppress_special_tokens:

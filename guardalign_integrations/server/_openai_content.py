@@ -1,32 +1,32 @@
 """Every decision about OpenAI chat-message content, in one place.
 
 What: :func:`screen_chat_body` takes an OpenAI ``/v1/chat/completions`` body, finds its
-images (``image_url`` parts), reads them through the core's one reader of content images
-(:func:`guardalign_core.images.read_content_bytes`), scans them in one batch, decides, and
-returns the body to forward: allowed images byte-identical, masked ones as PNG data URLs
-(``detail`` and other keys kept), remote images as the exact bytes that were checked, and
-the black-box safety prompt applied.
+images (``image_url`` parts), hands them to the core screening step
+(:meth:`guardalign_core.guard.ImageGuard.screen`: one reader, the per-request budget, the
+memory of checked images, one detector batch, the policy) and writes back what its verdict
+says to forward: allowed images as they came when the forwarded bytes are exactly the
+inline bytes that were checked, otherwise a data URL of the verdict's bytes and MIME type
+(masked images, remote images as the exact bytes that were checked; ``detail`` and other
+keys kept), plus the black-box safety prompt.
 
-Why one module: the core screening step (``ImageGuard.screen``) will replace the scanning
-here; the rest of the server only sees :class:`ScreenedBody`. Default deny: a content part
-or message field this module does not understand and that carries data, a URL, a path or a
-file id is refused (:class:`ContentError`, a 400), never forwarded.
+Why one module: the rest of the server only sees :class:`ScreenedBody`. Default deny: a
+content part or message field this module does not understand and that carries data, a
+URL, a path or a file id is refused (:class:`ContentError`, a 400 naming the part type)
+before anything is read, never forwarded.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from guardalign_core.errors import ImageError
-from guardalign_core.guard import CheckedScan, GuardDecision, ImageGuard, SafetyPrompt
-from guardalign_core.images import ImageLimits, read_content_bytes
-from guardalign_core.results import Decision, Status
+from guardalign_core.guard import ContentImage, ImageGuard, RequestVerdict, SafetyPrompt
+from guardalign_core.results import Status
+from guardalign_core.verdicts import Forward, ImageVerdict
 
-ScanFn = Callable[[list[bytes], list[str]], CheckedScan]
-"""Scans a request's images (bytes, labels) in one batch: ``guard.scan_checked`` or a micro-batcher."""
+ScreenFn = Callable[[Sequence[ContentImage]], RequestVerdict]
+"""Screens one request's images: ``guard.screen`` or the server's micro-batcher (``ScanBatcher.screen``)."""
 
 _TEXT_PARTS = {"text": ("text",), "refusal": ("refusal",), "input_audio": ("input_audio",)}
 """Part types that cannot carry an image, with the keys they may hold besides ``type``."""
@@ -35,11 +35,10 @@ _MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "funct
 """Message fields understood (none of them carries an image except ``content``)."""
 
 _DATA_KEYS = {"url", "data", "file_id", "file_data", "path", "image", "image_url", "file", "base64", "b64_json", "source", "uri", "bytes"}
-_MIME_BY_FORMAT = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
 
 
 class ContentError(ValueError):
-    """The request cannot be screened as sent (a 400): unknown data-carrying part, unreadable source, over budget.
+    """The request cannot be screened as sent (a 400): unknown data-carrying part, malformed messages, over budget.
 
     ``code`` is a stable machine-readable code; the message names the position and the part
     type, never the content.
@@ -53,13 +52,15 @@ class ContentError(ValueError):
 
 @dataclass
 class ImageRef:
-    """One image of the request: where it sits, the exact bytes read, how it was given."""
+    """One image part of the request: where it sits and the URL string it was given as."""
 
     message: int
     part: int
     label: str
-    data: bytes
-    remote: bool
+    url: str
+
+    def content_image(self) -> ContentImage:
+        return ContentImage(self.label, source=self.url, mime=declared_mime(self.url))
 
 
 @dataclass
@@ -68,17 +69,21 @@ class ScreenedBody:
 
     ``body`` is what to forward (``None`` when blocked); ``changed`` is false when it is the
     input object untouched (so the raw request bytes can be forwarded as they came).
+    ``decision.images[i]`` is the verdict on ``refs[i]``.
     """
 
     body: dict[str, Any] | None
-    decision: GuardDecision
+    decision: RequestVerdict
     refs: list[ImageRef] = field(default_factory=list)
     changed: bool = False
-    pngs: list[bytes | None] = field(default_factory=list)
 
     @property
     def blocked(self) -> bool:
         return self.body is None
+
+    @property
+    def verdicts(self) -> list[ImageVerdict]:
+        return self.decision.images
 
     @property
     def unreadable(self) -> bool:
@@ -108,55 +113,15 @@ def _image_url(part: dict[str, Any], where: str) -> str:
     return url
 
 
-class ImageBudget:
-    """Reads a request's images one by one through the core reader, enforcing the per-request budget."""
-
-    def __init__(self, limits: ImageLimits) -> None:
-        self.limits = limits
-        self.count = self.total_bytes = self.total_pixels = 0
-
-    def read(self, source: str | bytes, label: str, message: int = -1, part: int = -1) -> ImageRef:
-        """The :class:`ImageRef` of one image source (a data URL, base64, an allowed http(s) URL, or bytes).
-
-        Raises:
-            ContentError: the source cannot be read, or the request goes over its budget.
-        """
-        limits = self.limits
-        if self.count >= limits.max_images:
-            raise ContentError(f"the request holds more than {limits.max_images} images (ImageLimits.max_images)", code="guardalign_image_budget")
-        try:
-            data = read_content_bytes(source, limits, source=label)
-        except ImageError as err:
-            raise ContentError(str(err), code="guardalign_invalid_image", param=label) from None
-        self.count += 1
-        self.total_bytes += len(data)
-        if self.total_bytes > limits.max_total_bytes:
-            raise ContentError(
-                f"the request's images add up to more than {limits.max_total_bytes} bytes (ImageLimits.max_total_bytes)",
-                code="guardalign_image_budget",
-            )
-        self.total_pixels += _pixels(data)
-        if self.total_pixels > limits.max_total_pixels:
-            raise ContentError(
-                f"the request's images add up to more than {limits.max_total_pixels} pixels (ImageLimits.max_total_pixels)",
-                code="guardalign_image_budget",
-            )
-        remote = isinstance(source, str) and source.strip().lower().startswith(("http:", "https:"))
-        return ImageRef(message, part, label, data, remote=remote)
-
-
-def collect_images(messages: Any, limits: ImageLimits) -> list[ImageRef]:
-    """Find and read every image of the messages, refusing what cannot be screened.
+def collect_images(messages: Any) -> list[ImageRef]:
+    """Find every image part of the messages (nothing is read yet), refusing what cannot be screened.
 
     Raises:
-        ContentError: messages malformed, an unknown part type or message field carrying
-            data, an image source that cannot be read (remote off, file path, bad base64),
-            or the per-request image budget exceeded.
+        ContentError: messages malformed, or an unknown part type or message field carrying data.
     """
     if not isinstance(messages, list) or not messages:
         raise ContentError("messages: expected a non-empty list of messages", param="messages")
     refs: list[ImageRef] = []
-    budget = ImageBudget(limits)
     for m, message in enumerate(messages):
         where = f"messages[{m}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
@@ -197,33 +162,21 @@ def collect_images(messages: Any, limits: ImageLimits) -> list[ImageRef]:
                     )
                 continue
             url = _image_url(part, pwhere)
-            refs.append(budget.read(url, pwhere, m, p))
+            refs.append(ImageRef(m, p, pwhere, url))
     return refs
 
 
-def _pixels(data: bytes) -> int:
-    """Width×height from the image header (no decoding); 0 when unreadable (the detector then says why)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Exception:  # noqa: BLE001 (undecodable bytes are reported by the detector, fail-closed)
-        return 0
-    return width * height
-
-
-def data_url(data: bytes) -> str:
-    """A ``data:`` URL for image bytes, with the MIME type of their real format."""
-    from PIL import Image
-
-    mime = "image/png"
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            mime = _MIME_BY_FORMAT.get(image.format or "", mime)
-    except Exception:  # noqa: BLE001 (only reached for fail_open images the detector could not read)
-        pass
+def data_url(data: bytes, mime: str) -> str:
+    """A ``data:`` URL for bytes the guard said to forward, with the MIME type it read from them."""
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def declared_mime(url: str) -> str | None:
+    """The MIME type a ``data:`` URL declares (``None`` for anything else)."""
+    if not url[:5].lower() == "data:":
+        return None
+    header = url[5:].split(",", 1)[0]
+    return header.split(";", 1)[0].strip().lower() or None
 
 
 def _set_url(part: dict[str, Any], url: str) -> dict[str, Any]:
@@ -234,11 +187,16 @@ def _set_url(part: dict[str, Any], url: str) -> dict[str, Any]:
 
 
 def apply_safety_prompt(messages: list[dict[str, Any]], safety: SafetyPrompt) -> list[dict[str, Any]]:
-    """Add the planned safety instruction to the leading system/developer message (or put one first); prefill as a trailing assistant turn."""
+    """Add the planned safety prompt as :meth:`SafetyPrompt.delivery` says for this request.
+
+    The system text goes into the leading system/developer message (or a new first one);
+    a prefill becomes a trailing assistant turn, unless the request already ends with one.
+    """
     if not safety.applied:
         return messages
     out = list(messages)
-    text = safety.system_text()
+    last = out[-1].get("role") if out else None
+    text, prefill = safety.delivery(last if isinstance(last, str) else None)
     if text:
         first = out[0] if out else None
         if first is not None and first.get("role") in ("system", "developer"):
@@ -250,71 +208,106 @@ def apply_safety_prompt(messages: list[dict[str, Any]], safety: SafetyPrompt) ->
             out[0] = {**first, "content": merged}
         else:
             out.insert(0, {"role": "system", "content": text})
-    if safety.prefill:
-        out.append({"role": "assistant", "content": safety.prefill})
+    if prefill:
+        out.append({"role": "assistant", "content": prefill})
     return out
 
 
-def rewrite_messages(messages: list[dict[str, Any]], refs: Sequence[ImageRef], scanned: CheckedScan) -> tuple[list[dict[str, Any]], bool]:
-    """The messages with each image replaced as its verdict says; unchanged parts are the same objects."""
-    replacements: dict[tuple[int, int], str] = {}
-    for ref, result, png in zip(refs, scanned.results, scanned.pngs):
-        if png is not None and result.decision == Decision.MASK:
-            replacements[(ref.message, ref.part)] = data_url(png)
-        elif ref.remote:
-            # the model must get exactly what was checked, never what the URL serves later
-            replacements[(ref.message, ref.part)] = data_url(ref.data)
+def forwarded_url(url: str, verdict: ImageVerdict) -> str | None:
+    """The URL to forward for an image sent as ``url``, as its verdict says (``None``: nothing).
+
+    ``Forward.BYTES``: ``url`` itself only when it inlines exactly the bytes to forward,
+    under the MIME type read from them; otherwise a data URL of those bytes (the model gets
+    exactly what was checked, never what a remote URL serves later). ``AS_SENT``
+    (``fail_open`` only): ``url``.
+    """
+    if verdict.forward == Forward.NOTHING:
+        return None
+    if verdict.forward == Forward.AS_SENT:
+        return url
+    if not verdict.sanitised and verdict.data == verdict.checked and declared_mime(url) == verdict.mime:
+        return url
+    return data_url(verdict.data, verdict.mime)  # type: ignore[arg-type]
+
+
+def rewrite_messages(messages: list[dict[str, Any]], refs: Sequence[ImageRef], verdicts: Sequence[ImageVerdict]) -> tuple[list[dict[str, Any]], bool]:
+    """The messages with each image part replaced as its verdict says; unchanged parts are the same objects.
+
+    ``Forward.BYTES``: a data URL of the verdict's bytes (kept as sent when it already is
+    exactly that); ``AS_SENT`` (``fail_open`` only): kept; ``NOTHING``: the part is dropped.
+    """
+    if len(refs) != len(verdicts):
+        raise RuntimeError("the guard returned a verdict count that does not match the request's images")
+    replacements: dict[tuple[int, int], str | None] = {}
+    for ref, verdict in zip(refs, verdicts):
+        url = forwarded_url(ref.url, verdict)
+        if url is not ref.url:
+            replacements[(ref.message, ref.part)] = url
     if not replacements:
         return messages, False
     out = list(messages)
     for (m, p), url in replacements.items():
         if out[m] is messages[m]:
             out[m] = {**messages[m], "content": list(messages[m]["content"])}
-        out[m]["content"][p] = _set_url(out[m]["content"][p], url)
+        if url is not None:
+            out[m]["content"][p] = _set_url(out[m]["content"][p], url)
+    dropped = {key for key, url in replacements.items() if url is None}
+    for m in {m for m, _ in dropped}:
+        out[m]["content"] = [part for p, part in enumerate(out[m]["content"]) if (m, p) not in dropped]
     return out, True
 
 
+def screen_images(refs: Sequence[ImageRef], guard: ImageGuard, screen: ScreenFn | None = None) -> RequestVerdict:
+    """The core's verdict on the request's images (the budget included).
+
+    Raises:
+        ContentError: the request goes over its image budget (``ImageLimits.max_images`` /
+            ``max_total_bytes`` / ``max_total_pixels``) or was refused as a whole.
+    """
+    images = [ref.content_image() for ref in refs]
+    verdict = (screen or guard.screen)(images) if images else guard.screen([])
+    if verdict.refused is not None:
+        raise ContentError(verdict.refused, code="guardalign_image_budget")
+    return verdict
+
+
 def screen_chat_body(
-    body: dict[str, Any], guard: ImageGuard, *, scan: ScanFn | None = None, safety_prompt: bool = True
+    body: dict[str, Any], guard: ImageGuard, *, screen: ScreenFn | None = None, safety_prompt: bool = True
 ) -> ScreenedBody:
     """Screen an OpenAI chat-completions body and return what may be forwarded.
 
     Args:
         body: the parsed request body (not modified).
         guard: the core guard (policy, limits, prefix settings).
-        scan: how the images are scanned (default ``guard.scan_checked``; the server passes
-            its micro-batcher).
+        screen: how the images are screened (default ``guard.screen``; the server passes
+            its micro-batcher's ``screen``).
         safety_prompt: add the black-box safety prompt the guard plans.
 
     Returns:
         A :class:`ScreenedBody`; ``body`` is ``None`` when the request is blocked.
 
     Raises:
-        ContentError: the request cannot be screened as sent (see :func:`collect_images`).
+        ContentError: the request cannot be screened as sent (see :func:`collect_images`,
+            :func:`screen_images`).
 
     Example:
         >>> screen_chat_body({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, guard).changed  # doctest: +SKIP
         False
     """
     messages = body.get("messages")
-    refs = collect_images(messages, guard.config.images)
-    if refs:
-        scanner = scan or (lambda images, labels: guard.scan_checked(images, sources=labels))
-        scanned = scanner([r.data for r in refs], [r.label for r in refs])
-    else:
-        scanned = CheckedScan([], [], [])
-    decision = guard.decide(scanned.results)
+    refs = collect_images(messages)
+    decision = screen_images(refs, guard, screen)
     if decision.blocked:
-        return ScreenedBody(None, decision, refs, pngs=list(scanned.pngs))
-    new_messages, changed = rewrite_messages(messages, refs, scanned)
+        return ScreenedBody(None, decision, refs)
+    new_messages, changed = rewrite_messages(messages, refs, decision.images)
     if safety_prompt and decision.safety_prompt.applied:
         new_messages, changed = apply_safety_prompt(new_messages, decision.safety_prompt), True
     if not changed:
-        return ScreenedBody(body, decision, refs, changed=False, pngs=list(scanned.pngs))
-    return ScreenedBody({**body, "messages": new_messages}, decision, refs, changed=True, pngs=list(scanned.pngs))
+        return ScreenedBody(body, decision, refs, changed=False)
+    return ScreenedBody({**body, "messages": new_messages}, decision, refs, changed=True)
 
 
-def decision_header(decision: GuardDecision) -> str:
+def decision_header(decision: RequestVerdict) -> str:
     """The ``x-guardalign-decision`` value: the decision, plus ``; status=error`` when a check could not run."""
     return decision.decision.value + ("; status=error" if decision.status == Status.ERROR else "")
 

@@ -2,9 +2,10 @@
 
 What: images as JSON (``{"images": ["data:..." | base64 | {"image": ..., "name": ...}],
 "return_images": bool, "include_scores": bool}``) or as a multipart upload (any file
-fields; form fields ``return_images``/``include_scores``), read through the same reader
-and budget as the chat endpoints, scanned in one batch, answered with per-image verdicts:
-decision, scores, boxes, categories. No model is called.
+fields; form fields ``return_images``/``include_scores``), screened by the same core step
+as the chat endpoints (:meth:`ImageGuard.screen`: reader, budget, one batch, policy),
+answered with per-image verdicts: decision, scores, boxes, categories; an image that cannot
+be read is a ``status: error`` verdict (blocked unless ``fail_open``). No model is called.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from guardalign_core.guard import ContentImage
 from guardalign_core.results import Decision
+from guardalign_core.verdicts import Forward, ImageVerdict
 
 from ._errors import ServerError
-from ._openai_content import ContentError, ImageBudget, data_url, decision_header
+from ._openai_content import ContentError, data_url, declared_mime, decision_header
 
 _ARRAYS = {"scores", "category_costs", "top_categories", "categories"}
 
@@ -64,11 +67,13 @@ async def _inputs(request: Request) -> tuple[list[tuple[str, str | bytes]], dict
     return items, {k: _truthy(body.get(k)) for k in ("return_images", "include_scores")}
 
 
-def _verdict(result: Any, png: bytes | None, options: dict[str, Any]) -> dict[str, Any]:
+def _verdict(verdict: ImageVerdict, options: dict[str, Any]) -> dict[str, Any]:
+    result = verdict.result
     view = result.model_dump(mode="json", exclude=None if options.get("include_scores") else _ARRAYS)
     view["fired_categories"] = result.fired_categories
-    if options.get("return_images") and result.decision == Decision.MASK and png is not None:
-        view["sanitized_image"] = data_url(png)
+    view["forward"] = verdict.forward.value
+    if options.get("return_images") and result.decision == Decision.MASK and verdict.forward == Forward.BYTES:
+        view["sanitized_image"] = data_url(verdict.data, verdict.mime)  # type: ignore[arg-type]
     return view
 
 
@@ -83,26 +88,24 @@ def register(app: FastAPI, state: Any) -> None:
         try:
             items, options = await _inputs(request)
 
-            def work() -> Any:
-                budget = ImageBudget(state.guard.config.images)
-                refs = [budget.read(source, label) for label, source in items]
-                return refs, state.batcher.scan([r.data for r in refs], [r.label for r in refs])
-
+            images = [ContentImage(label, source=source, mime=declared_mime(source) if isinstance(source, str) else None)
+                      for label, source in items]
+            if not images:
+                raise ServerError(400, "no images in the request", "invalid_request", param="images")
             t0 = time.perf_counter()
-            try:
-                refs, scanned = await run_in_threadpool(work)
-            except ContentError as err:
+            decision = await run_in_threadpool(state.batcher.screen, images)
+            if decision.refused is not None:
+                err = ContentError(decision.refused, code="guardalign_image_budget")
                 state.metrics.rejections.labels(err.code).inc()
-                raise ServerError(400, str(err), err.code, param=err.param) from None
+                raise ServerError(400, str(err), err.code) from None
             state.metrics.scan_seconds.observe(time.perf_counter() - t0)
-            state.metrics.images.inc(len(refs))
-            decision = state.guard.decide(scanned.results)
+            state.metrics.images.inc(len(images))
             state.metrics.decisions.labels(decision.decision.value).inc()
-            request.scope["state"].update(decision=decision.decision.value, images=len(refs))
+            request.scope["state"].update(decision=decision.decision.value, images=len(images))
             body = {
                 "decision": decision.decision.value, "status": decision.status.value, "policy": decision.policy,
                 "unsafe": decision.unsafe, "reason": decision.reason,
-                "images": [_verdict(r, png, options) for r, png in zip(scanned.results, scanned.pngs)],
+                "images": [_verdict(v, options) for v in decision.images],
             }
             return Response(json.dumps(body, separators=(",", ":")), media_type="application/json",
                             headers={"x-guardalign-decision": decision_header(decision)})

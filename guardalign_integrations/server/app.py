@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guardalign_core.guard import ImageGuard
+from guardalign_core.guard import ContentImage, ImageGuard
 
 from ._admission import AdmissionGate, QueueFull, Slot
 from ._batching import ScanBatcher
@@ -114,7 +114,7 @@ class ServerState:
 
                 buffer = io.BytesIO()
                 Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
-                self.guard.scan_checked([buffer.getvalue()], sources=["warm-up"], reuse=False)
+                self.guard.screen([ContentImage("warm-up", source=buffer.getvalue())], reuse=False)
                 if self.pipeline is not None:
                     self.pipeline.lvlm.load()
         except Exception as err:  # noqa: BLE001 (reported by /readyz; requests then fail with their own error)

@@ -7,23 +7,34 @@ import threading
 
 import pytest
 
-from guardalign_core.guard import CheckedScan
+from guardalign_core.guard import ContentImage, ImageGuard
+from guardalign_core.memory import CheckedImageMemory
+from guardalign_core.results import Status
+from guardalign_core.verdicts import Forward
 from guardalign_integrations.server._admission import AdmissionGate, QueueFull
 from guardalign_integrations.server._batching import ScanBatcher
 from server_helpers import ALL_UNSAFE, jpeg_bytes, make_guard, png_bytes  # noqa: F401
 
 
-class CountingGuard:
-    """Wraps a real guard and records the size of every detector call."""
+def counting(guard: ImageGuard, fail_on: str | None = None) -> list[list[str]]:
+    """Record the labels of every call of the guard's real detector (optionally raising for one label)."""
+    detector, calls = guard.detector, []
+    real = detector.scan
 
-    def __init__(self, guard, fail_on: str | None = None) -> None:
-        self.guard, self.fail_on, self.calls = guard, fail_on, []
-
-    def scan_checked(self, images, sources=None, reuse=True):
-        self.calls.append(list(sources))
-        if self.fail_on is not None and self.fail_on in sources:
+    def scan(images, *, sources=None, policy=None, **kwargs):
+        calls.append(list(sources))
+        if fail_on is not None and fail_on in sources:
             raise RuntimeError("boom")
-        return self.guard.scan_checked(images, sources=sources, reuse=False)
+        return real(images, sources=sources, policy=policy, **kwargs)
+
+    detector.scan = scan
+    return calls
+
+
+def fresh(guard: ImageGuard) -> ImageGuard:
+    """The guard with a memory of its own (so each test scans, instead of recalling another test's verdicts)."""
+    guard.memory = CheckedImageMemory()
+    return guard
 
 
 def run_concurrently(batcher, requests):
@@ -32,7 +43,7 @@ def run_concurrently(batcher, requests):
     def one(i, images, labels):
         barrier.wait()
         try:
-            results[i] = batcher.scan(images, labels)
+            results[i] = batcher.screen([ContentImage(label, source=image) for image, label in zip(images, labels)])
         except Exception as err:  # noqa: BLE001
             results[i] = err
 
@@ -44,45 +55,67 @@ def run_concurrently(batcher, requests):
     return results
 
 
-def test_concurrent_scans_share_batches_and_get_their_own_results(make_guard, png_bytes, jpeg_bytes):
-    guard = CountingGuard(make_guard(ALL_UNSAFE))
+def test_concurrent_screens_share_detector_batches_and_get_their_own_verdicts(make_guard, png_bytes, jpeg_bytes):
+    guard = fresh(make_guard(ALL_UNSAFE))
+    calls = counting(guard)
     batcher = ScanBatcher(guard, enabled=True, window_ms=200, max_images=64)
-    requests = [([png_bytes if i % 2 else jpeg_bytes], [f"req{i}"]) for i in range(8)]
+    # a trailing byte each: the same pixels, but not recalled from memory by a neighbour that finished first
+    requests = [([(png_bytes if i % 2 else jpeg_bytes) + bytes([i])], [f"req{i}"]) for i in range(8)]
     results = run_concurrently(batcher, requests)
     batcher.close()
-    assert len(guard.calls) < 8  # merged
-    assert sorted(label for call in guard.calls for label in call) == sorted(f"req{i}" for i in range(8))
-    reference = {True: guard.guard.scan_checked([png_bytes], reuse=False), False: guard.guard.scan_checked([jpeg_bytes], reuse=False)}
-    for i, result in enumerate(results):
-        assert isinstance(result, CheckedScan) and len(result.results) == 1
-        assert result.results[0].index == 0 and result.results[0].source == f"req{i}"
-        expected = reference[bool(i % 2)]
-        assert result.pngs[0] == expected.pngs[0]  # the same sanitised image as scanned alone
-        assert result.results[0].score == pytest.approx(expected.results[0].score, abs=1e-5)
+    assert len(calls) < 8  # merged
+    assert sorted(label for call in calls for label in call) == sorted(f"req{i}" for i in range(8))
+    reference = {True: guard.screen([ContentImage("a", source=png_bytes)], reuse=False),
+                 False: guard.screen([ContentImage("b", source=jpeg_bytes)], reuse=False)}
+    for i, verdict in enumerate(results):
+        assert len(verdict.images) == 1, verdict
+        entry, expected = verdict.images[0], reference[bool(i % 2)].images[0]
+        assert entry.result.index == 0 and entry.result.source == f"req{i}" and entry.label == f"req{i}"
+        assert entry.forward == Forward.BYTES and entry.sanitised and verdict.decision.value == "mask"
+        assert entry.data == expected.data and entry.mime == expected.mime  # the same sanitised image as screened alone
+        assert entry.result.score == pytest.approx(expected.result.score, abs=1e-5)
 
 
-def test_a_failing_request_does_not_fail_its_batch_neighbours(make_guard, png_bytes):
-    guard = CountingGuard(make_guard(ALL_UNSAFE), fail_on="bad")
-    batcher = ScanBatcher(guard, enabled=True, window_ms=200)
-    results = run_concurrently(batcher, [([png_bytes], ["good1"]), ([png_bytes], ["bad"]), ([png_bytes], ["good2"])])
+def test_batched_verdicts_are_remembered_for_direct_screens(make_guard, png_bytes):
+    # the batcher's detector view must fingerprint like the real detector, or the memory splits in two
+    guard = fresh(make_guard(ALL_UNSAFE))
+    calls = counting(guard)
+    batcher = ScanBatcher(guard, enabled=True, window_ms=1)
+    first = batcher.screen([ContentImage("x", source=png_bytes)])
     batcher.close()
-    assert isinstance(results[1], RuntimeError)
-    assert isinstance(results[0], CheckedScan) and isinstance(results[2], CheckedScan)
+    again = guard.screen([ContentImage("y", source=png_bytes)])
+    assert len(calls) == 1 and again.images[0].reused and again.images[0].data == first.images[0].data
+
+
+def test_a_failing_request_does_not_fail_its_batch_neighbours(make_guard, png_bytes, jpeg_bytes):
+    guard = fresh(make_guard(ALL_UNSAFE))
+    counting(guard, fail_on="bad")
+    batcher = ScanBatcher(guard, enabled=True, window_ms=200)
+    results = run_concurrently(batcher, [([png_bytes], ["good1"]), ([jpeg_bytes], ["bad"]), ([png_bytes + b"\0"], ["good2"])])
+    batcher.close()
+    # the core turns the detector failure into that image's status=error verdict: blocked, fail-closed
+    bad = results[1]
+    assert bad.blocked and bad.images[0].result.status == Status.ERROR and bad.images[0].forward == Forward.NOTHING
+    for good in (results[0], results[2]):
+        assert good.images[0].result.status == Status.OK and good.images[0].forward == Forward.BYTES
 
 
 def test_batch_never_exceeds_max_images(make_guard, png_bytes):
-    guard = CountingGuard(make_guard(ALL_UNSAFE))
+    guard = fresh(make_guard(ALL_UNSAFE))
+    calls = counting(guard)
     batcher = ScanBatcher(guard, enabled=True, window_ms=200, max_images=2)
-    run_concurrently(batcher, [([png_bytes], [f"r{i}"]) for i in range(5)])
+    # distinct bytes: identical ones would be recalled from memory instead of scanned
+    run_concurrently(batcher, [([png_bytes + bytes([i])], [f"r{i}"]) for i in range(5)])
     batcher.close()
-    assert max(len(c) for c in guard.calls) <= 2 and sum(len(c) for c in guard.calls) == 5
+    assert max(len(c) for c in calls) <= 2 and sum(len(c) for c in calls) == 5
 
 
 def test_disabled_batching_scans_directly(make_guard, png_bytes):
-    guard = CountingGuard(make_guard(ALL_UNSAFE))
+    guard = fresh(make_guard(ALL_UNSAFE))
+    calls = counting(guard)
     batcher = ScanBatcher(guard, enabled=False)
-    run_concurrently(batcher, [([png_bytes], [f"r{i}"]) for i in range(3)])
-    assert sorted(map(tuple, guard.calls)) == [("r0",), ("r1",), ("r2",)]
+    run_concurrently(batcher, [([png_bytes + bytes([i])], [f"r{i}"]) for i in range(3)])
+    assert sorted(map(tuple, calls)) == [("r0",), ("r1",), ("r2",)]
 
 
 async def test_admission_gate_queues_then_refuses():

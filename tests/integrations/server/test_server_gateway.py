@@ -65,7 +65,17 @@ def test_allowed_image_arrives_byte_identical(allowing_gateway, jpeg_bytes):
     assert body["messages"] == image_message(url)  # no safety prompt when nothing is unsafe (when_unsafe policy)
 
 
-def test_masked_image_arrives_as_png_in_openai_shape(masking_gateway, jpeg_bytes):
+def test_mislabelled_image_goes_with_the_type_of_its_bytes(allowing_gateway, jpeg_bytes):
+    # JPEG bytes declared as PNG: the upstream gets exactly the checked bytes, named by what they are
+    gateway = allowing_gateway
+    before = len(gateway.forwarded())
+    client(gateway).chat.completions.create(model="m", messages=image_message(data_url(jpeg_bytes, "image/png")))
+    body = gateway.forwarded()[before]["body"]
+    part = next(p for m in body["messages"] if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image_url")
+    assert part["image_url"]["url"] == data_url(jpeg_bytes, "image/jpeg")
+
+
+def test_masked_image_arrives_sanitised_in_openai_shape(masking_gateway, jpeg_bytes):
     gateway = masking_gateway
     url = data_url(jpeg_bytes, "image/jpeg")
     before = len(gateway.forwarded())
@@ -80,12 +90,13 @@ def test_masked_image_arrives_as_png_in_openai_shape(masking_gateway, jpeg_bytes
     assert user["content"][0] == {"type": "text", "text": "What is in this picture?"}
     part = user["content"][1]
     assert part["type"] == "image_url" and part["image_url"]["detail"] == "high"
-    assert part["image_url"]["url"].startswith("data:image/png;base64,")
-    png = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
-    masked = Image.open(io.BytesIO(png))
+    # the core keeps a sanitised JPEG a JPEG; the data URL names the format of its bytes
+    assert part["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    sanitised = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+    masked = Image.open(io.BytesIO(sanitised))
     original = Image.open(io.BytesIO(jpeg_bytes))
-    assert masked.format == "PNG" and masked.size == original.size
-    assert masked.convert("RGB").getextrema() == ((0, 0), (0, 0), (0, 0))  # every patch unsafe: all black (Eq. 11)
+    assert masked.format == "JPEG" and masked.size == original.size
+    assert max(high for _, high in masked.convert("RGB").getextrema()) <= 2  # every patch unsafe: all black (Eq. 11), up to JPEG noise
 
 
 def test_streaming_chunks_are_relayed_as_they_arrive(allowing_gateway):

@@ -101,8 +101,12 @@ def test_scan_json_and_multipart(make_guard, png_bytes, jpeg_bytes):
         multipart = httpx.post(gw.base_url + "/scan", files=files, data={"return_images": "false"}).json()
         assert [i["decision"] for i in multipart["images"]] == ["mask", "mask"]
         assert "sanitized_image" not in multipart["images"][0] and "scores" not in multipart["images"][0]
+        # a local file is never read: the core's verdict is status=error, blocked (fail-closed), nothing of the file in it
         bad = httpx.post(gw.base_url + "/scan", json={"images": ["file:///etc/hosts"]})
-        assert bad.status_code == 400 and bad.json()["error"]["code"] == "guardalign_invalid_image"
+        assert bad.status_code == 200 and bad.headers["x-guardalign-decision"] == "block; status=error"
+        verdict = bad.json()["images"][0]
+        assert verdict["status"] == "error" and verdict["decision"] == "block" and verdict["forward"] == "nothing"
+        assert "localhost" not in bad.text and "127.0.0.1" not in bad.text
         assert gw.forwarded() == []
 
 

@@ -213,13 +213,13 @@ def decode_image(
 
 
 def _decode(data: bytes, limits: ImageLimits, source: str | None, budget: RequestBudget | None) -> DecodedImage:
+    if data.startswith(b"\x00\x00\x01\x00"):
+        _check_ico_entries(data, limits, source)  # Pillow decodes an ICO inside Image.open
     image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
     fmt = image.format or ""
     if fmt not in RASTER_FORMATS:  # defensive: formats= already restricts the plugins
         raise UnsupportedImageFormatError(f"format {fmt!r} is not accepted", source=source)
     check_shape(image.size, limits, source)
-    if fmt == "ICO":
-        _check_ico_entries(image, data, limits, source)
     if budget is not None:
         budget.charge(pixels=image.size[0] * image.size[1], images=0, source=source)
     frames = _frame_count(image)
@@ -268,15 +268,27 @@ def _why_reencode(image: Image.Image, fmt: str, frames: int, orientation: object
     return ""
 
 
-def _check_ico_entries(image: Image.Image, data: bytes, limits: ImageLimits, source: str | None) -> None:
-    """An ICO header stores sizes in one byte; the embedded PNG/BMP says its real size."""
-    for entry in getattr(getattr(image, "ico", None), "entry", ()):
-        head = data[entry.offset : entry.offset + 24]
+def _check_ico_entries(data: bytes, limits: ImageLimits, source: str | None) -> None:
+    """Check every image an ICO holds, from the raw bytes, before Pillow opens (and decodes) it.
+
+    An ICO directory stores sizes in one byte each; the embedded PNG or DIB says its real
+    size, and Pillow's ICO plugin decodes it inside ``Image.open`` under Pillow's own global
+    bomb limit (89 MP), not ours.
+    """
+    if len(data) < 6:
+        return  # Pillow will refuse it
+    (count,) = struct.unpack("<H", data[4:6])
+    for i in range(count):
+        entry = data[6 + 16 * i : 22 + 16 * i]
+        if len(entry) < 16:
+            raise CorruptImageError("the ICO directory is truncated", source=source)
+        (offset,) = struct.unpack("<I", entry[12:16])
+        head = data[offset : offset + 24]
         if head.startswith(b"\x89PNG\r\n\x1a\n") and len(head) >= 24:
             width, height = struct.unpack(">II", head[16:24])
         elif len(head) >= 12:
             width, height = struct.unpack("<ii", head[4:12])
-            height = abs(height) // 2  # a DIB in an ICO stores the XOR and AND masks stacked
+            width, height = abs(width), abs(height) // 2  # a DIB in an ICO stacks the XOR and AND masks
         else:
             raise CorruptImageError("an ICO entry points outside the file", source=source)
         check_shape((width, height), limits, source)

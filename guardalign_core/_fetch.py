@@ -70,7 +70,8 @@ def fetch_url(url: str, limits: ImageLimits, source: str | None = None) -> bytes
         )
     if job.error is not None:
         raise job.error
-    assert job.result is not None  # run() sets one of the two  # noqa: S101
+    if job.result is None:  # run() sets one of the two; never forward "nothing" as an image
+        raise RemoteImageError("fetch failed", source=source)
     return job.result
 
 

@@ -24,7 +24,7 @@ from typing import Union
 
 from PIL import Image
 
-from ._decode import RASTER_FORMATS, DecodedImage, check_shape, decode_image, looks_like_raster, sniff_non_image, to_rgb
+from ._decode import DecodedImage, check_shape, decode_image, looks_like_raster, to_rgb
 from ._fetch import fetch_url
 from ._limits import ImageLimits
 from .budget import RequestBudget

@@ -328,6 +328,7 @@ def test_what_is_forwarded_is_what_was_scanned(name):
         assert np.array_equal(seen, scanned)  # a model sees exactly the scanned pixels
 
 
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
 @pytest.mark.parametrize("name", ["rgba-transparent-content", "palette-transparency", "16-bit-grey", "animated-gif", "exif-rotated-jpeg"])
 def test_the_original_bytes_really_would_have_shown_a_model_other_pixels(name):
     """The premise of the attack: forwarding these bytes as sent would have been unsafe."""
@@ -405,3 +406,45 @@ def test_base64_within_the_limit_with_line_breaks_still_decodes():
     limits = ImageLimits(max_bytes=len(data))
     assert read_content_bytes(wrapped, limits) == data
     assert decode_data_url("data:image/png;base64," + base64.b64encode(data).decode(), limits=limits) == data
+
+
+def _ico_hiding_a_large_png(width: int, height: int) -> bytes:
+    """An ICO whose directory says 16×16 (sizes are one byte there) around a large PNG."""
+    png = _encode(Image.new("RGB", (width, height)), "PNG")
+    directory = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22)
+    return directory + png
+
+
+def test_an_ico_cannot_smuggle_a_larger_image_past_the_pixel_limit():
+    data = _ico_hiding_a_large_png(2000, 2000)
+    assert data[6:8] == b"\x10\x10"  # the directory claims 16x16; Pillow decodes the PNG inside open()
+    with pytest.raises(ImageTooLargeError, match="max_pixels"):
+        load_image(data, ImageLimits(max_pixels=1_000_000))
+    with pytest.raises(ImageAspectRatioError):
+        load_image(_ico_hiding_a_large_png(1, 5000))
+    assert load_image(_ico_hiding_a_large_png(64, 64)).size == (64, 64)
+
+
+def test_an_ico_is_checked_before_pillow_decodes_what_it_holds():
+    """Pillow decodes an ICO's PNG inside Image.open, under its own 89 MP limit: 64 MP here."""
+    out = _run_capped(
+        """
+        import io, struct
+        from PIL import Image
+        from guardalign_core.images import load_image
+        from guardalign_core.errors import ImageTooLargeError
+        buf = io.BytesIO(); Image.new("RGB", (8000, 8000)).save(buf, "PNG"); png = buf.getvalue()
+        data = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+        del buf
+        CAP()
+        try:
+            load_image(data)
+            print("DECODED")
+        except ImageTooLargeError as err:
+            print("REFUSED", "max_pixels" in str(err))
+        except BaseException as err:
+            print("LEAKED", type(err).__name__)
+        """,
+        cap_mb=120,
+    )
+    assert out == "REFUSED True", out

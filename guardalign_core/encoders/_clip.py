@@ -162,7 +162,7 @@ class ClipEncoder:
         self._text_lock = threading.Lock()
 
     def _cast_checked(self, execution: Execution, *, explicit: bool) -> Execution:
-        """Cast the torch model to the reduced dtype and measure its probe agreement with fp32 first.
+        """Cast the image tower to the reduced dtype and measure its probe agreement with fp32 first.
 
         Emulated bf16 (a CPU without AVX512-BF16/AMX) measured 0.997 here, native bf16 ≥ 0.9999:
         an ``'auto'`` dtype that does not agree falls back to float32; an explicit one is kept
@@ -173,7 +173,9 @@ class ClipEncoder:
         probe = probe_pixels(self.image_size).to(self.device)
         with torch.no_grad():
             reference = self.model.encode_image(probe, normalize=True).float()
-            self.model.to(DTYPES[execution.dtype])
+            # Only the image tower: text embeddings are computed once and cached, so the text tower
+            # stays in float32 and the concept bank is the same on every path.
+            self.model.visual.to(DTYPES[execution.dtype])
             self.dtype = DTYPES[execution.dtype]
             candidate = self._torch_image_tower(probe)
         agreement = float(torch.nn.functional.cosine_similarity(reference, candidate.float(), dim=-1).min())
@@ -188,7 +190,7 @@ class ClipEncoder:
             warnings.warn(f"{message}; thresholds fitted in float32 may not transfer", RuntimeWarning, stacklevel=3)
             return execution
         warnings.warn(f"dtype='auto': {message}; using float32", RuntimeWarning, stacklevel=3)
-        self.model.float()
+        self.model.visual.float()
         self.dtype, self.agreement = torch.float32, None
         return Execution(execution.device, "float32", execution.backend)
 

@@ -265,3 +265,18 @@ def test_backbones_are_built_with_the_activation_their_weights_were_trained_with
     for tower in (model.visual.transformer, model.transformer):
         activations = {type(block.mlp.gelu).__name__ for block in tower.resblocks}
         assert activations == ({"QuickGELU"} if trained_quick else {"GELU"}), (preset, activations)
+
+
+# -- guardalign bench reports which path ran and its agreement (item 4) -----------------------------
+
+
+def test_bench_reports_each_path_and_its_agreement(shared_images):
+    from guardalign_core.bench import bench_encode_paths
+
+    paths = [("float32", "torch"), ("bfloat16", "torch")] + ([("float32", "openvino")] if HAS_OPENVINO else [])
+    report = bench_encode_paths(shared_images[:2] + shared_images[-2:], model=TINY_CLIP, repeats=1, paths=paths)
+    assert list(report["paths"]) == [f"cpu/{d}/{b}" for d, b in paths]
+    assert report["auto"] == str(resolve_execution("cpu", "auto", "auto"))
+    for name, row in report["paths"].items():
+        assert row["min_cosine"] >= 0.9999 and row["identical_decisions"], name
+        assert row["ms_per_crop"] > 0 and row["speedup_vs_fp32"] > 0

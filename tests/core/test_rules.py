@@ -7,6 +7,7 @@ import numpy as np
 import ot as pot
 import pytest
 import torch
+from conftest import shared_data
 from PIL import Image
 
 from guardalign_core import ConceptBank, DetectorConfig, SinkhornConfig, Status, create_detector, get_preset, list_presets, load_config
@@ -236,8 +237,6 @@ def test_results_carry_the_rule_and_every_score(tiny_clip_checkpoint, embed_cach
 
 
 def test_calibrate_writes_the_rule_and_a_threshold_on_its_scale(tiny_clip_checkpoint, tmp_path, capsys):
-    from conftest import shared_data
-
     out = tmp_path / "tau.yaml"
     args = ["--model", "guardalign-tiny-clip", "--pretrained", str(tiny_clip_checkpoint)]
     assert main(["calibrate", "--safe", str(shared_data("benign")), "--unsafe", str(shared_data("figstep-tiny")), "--out", str(out), *args]) == 0

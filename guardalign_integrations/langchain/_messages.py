@@ -276,14 +276,15 @@ class _Walker:
             return
         if kind == "text-plain" and not (item.get("base64") or item.get("url") or item.get("file_id") or item.get("data")):
             return  # inline text only
+        # Whatever the label says, inline bytes that are an image are screened as one: a block
+        # declared audio or text/plain must not carry an unchecked picture.
+        payload = item.get("base64") or (item.get("data") if isinstance(item.get("data"), str) else None)
+        raw = _b64_bytes(payload) if isinstance(payload, str) and kind != "video" else None
+        if raw is not None and sniff_mime(raw) is not None:
+            self.add(path, label, "file", source=raw, mime=None)
+            return
         if kind == "audio" or mime.startswith(("text/", "audio/")):
             return  # carries no image
-        if mime in ("", "application/octet-stream"):
-            payload = item.get("base64") or (item.get("data") if isinstance(item.get("data"), str) else None)
-            raw = _b64_bytes(payload) if isinstance(payload, str) else None
-            if raw is not None and sniff_mime(raw) is not None:
-                self.add(path, label, "file", source=raw, mime=None)
-                return
         self.refuse(path, label, kind, f"({mime or 'no MIME type'}) may carry images the guard cannot check")
 
     def media(self, item: Mapping[str, Any], path: tuple[Any, ...], label: str) -> None:

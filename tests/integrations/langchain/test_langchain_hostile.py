@@ -188,3 +188,23 @@ def test_a_second_copy_of_the_image_beside_the_screened_source_is_dropped(
     out = received.content[1]
     assert original not in repr(out)  # no copy of the unchecked image survives anywhere in the block
     assert _black(base64.b64decode(out["source"]["data"])) and out["cache_control"] == {"type": "ephemeral"}
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "audio", "base64": "ORIGINAL"},
+        {"type": "file", "mime_type": "text/plain", "base64": "ORIGINAL"},
+        {"type": "text-plain", "mime_type": "text/plain", "base64": "ORIGINAL"},
+    ],
+)
+def test_image_bytes_under_an_audio_or_text_label_are_screened(
+    make_config: Callable[..., Any], image_paths: list[Path], block: dict[str, Any]
+) -> None:
+    """Attack (red team): PNG bytes declared as audio or text/plain were forwarded unscanned."""
+    original = b64(image_paths[0])
+    block = {k: (v.replace("ORIGINAL", original) if isinstance(v, str) else v) for k, v in block.items()}
+    received, _ = _forwarded(_guard(make_config), HumanMessage(content=[{"type": "text", "text": "q"}, block]))
+    out = received.content[1]
+    assert original not in repr(out)
+    assert _black(base64.b64decode(out["base64"]))

@@ -19,8 +19,9 @@ from typing import Any, Sequence
 
 from PIL import Image
 
+from .budget import RequestBudget
 from .config import GuardConfig, PolicyConfig
-from .errors import ImageError
+from .errors import ImageError, RequestBudgetError
 from .forwarding import EncodedImage, encode_for_forwarding
 from .images import ImageLimits, ImageSource, read_content_bytes, read_image_bytes
 from .masking import mask_boxes
@@ -98,16 +99,6 @@ def _forward_original(data: bytes, result: ScanResult, limits: ImageLimits) -> b
     they fit the per-image output budget.
     """
     return bool(result.forward_as_sent) and len(data) <= limits.max_output_bytes
-
-
-def _budget_refusal(count: int, limits: ImageLimits) -> str | None:
-    """The per-request image-count budget, checked before anything is read.
-
-    TODO(images): replace with ``images.RequestBudget`` once it lands.
-    """
-    if count > limits.max_images:
-        return f"the request holds {count} images, over the limit of {limits.max_images} (ImageLimits.max_images)"
-    return None
 
 
 def _read(image: ContentImage, limits: ImageLimits) -> bytes | Image.Image:
@@ -221,14 +212,21 @@ def screen_images(
     """
     limits, policy = config.images, config.policy
     labels = [image.label for image in images]
-    over = _budget_refusal(len(images), limits)
-    if over is not None:
-        results = [_error_result(i, label, detector, policy, "RequestBudget", over, hard=True) for i, label in enumerate(labels)]
-        return [ImageVerdict(i, labels[i], r, Forward.NOTHING, limits=limits) for i, r in enumerate(results)], over
+    budget = RequestBudget(limits)
+
+    def refuse_all(err: RequestBudgetError) -> tuple[list[ImageVerdict], str]:
+        """Over budget: the whole request is refused, nothing forwarded, whatever ``fail_open`` says."""
+        reason = str(err)
+        results = [_error_result(k, label, detector, policy, "RequestBudget", reason, hard=True) for k, label in enumerate(labels)]
+        return [ImageVerdict(k, labels[k], r, Forward.NOTHING, limits=limits) for k, r in enumerate(results)], reason
+
+    try:
+        budget.charge(images=len(images))  # the count is known before anything is read
+    except RequestBudgetError as err:
+        return refuse_all(err)
     refused: str | None = None
     verdicts: list[ImageVerdict | None] = [None] * len(images)
     contents: list[bytes | Image.Image | None] = [None] * len(images)
-    total = 0
     for i, image in enumerate(images):
         if image.refusal is not None:
             result = _error_result(i, labels[i], detector, policy, "UnsupportedBlock", image.refusal, hard=True)
@@ -242,11 +240,10 @@ def screen_images(
             verdicts[i] = _verdict(i, labels[i], result, None, image.mime, limits)
             continue
         if isinstance(contents[i], bytes):
-            total += len(contents[i])  # type: ignore[arg-type]
-            if total > limits.max_total_bytes:
-                refused = f"the request's images add up to more than {limits.max_total_bytes} bytes (ImageLimits.max_total_bytes)"
-                results = [_error_result(k, label, detector, policy, "RequestBudget", refused, hard=True) for k, label in enumerate(labels)]
-                return [ImageVerdict(k, labels[k], r, Forward.NOTHING, limits=limits) for k, r in enumerate(results)], refused
+            try:
+                budget.charge(nbytes=len(contents[i]), source=labels[i])  # type: ignore[arg-type]
+            except RequestBudgetError as err:
+                return refuse_all(err)
     fingerprint = config_fingerprint(config, detector) if reuse else ""
     for i, content in enumerate(contents):
         if verdicts[i] is not None or not reuse or not isinstance(content, bytes):
@@ -274,9 +271,11 @@ def screen_images(
             verdict = verdicts[i] = _verdict(i, labels[i], result, contents[i], images[i].mime, limits)
             if reuse and result.status == Status.OK and isinstance(contents[i], bytes):
                 memory.remember(fingerprint, contents[i], result, verdict.data if verdict.sanitised else None)  # type: ignore[arg-type]
-        if pixels_total > limits.max_total_pixels:  # TODO(images): RequestBudget counts pixels before decoding
-            refused = f"the request's images add up to more than {limits.max_total_pixels} pixels (ImageLimits.max_total_pixels)"
-            results = [_error_result(k, label, detector, policy, "RequestBudget", refused, hard=True) for k, label in enumerate(labels)]
-            return [ImageVerdict(k, labels[k], r, Forward.NOTHING, limits=limits) for k, r in enumerate(results)], refused
+        # Pixels are known once the detector has decoded the images (its decoder does not take
+        # the request's budget yet, so they are charged after the scan; nothing was forwarded).
+        try:
+            budget.charge(pixels=pixels_total)
+        except RequestBudgetError as err:
+            return refuse_all(err)
     return [v for v in verdicts if v is not None], refused
 

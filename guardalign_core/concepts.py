@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .structured_files import read_structured_file
 from .errors import ConceptBankError
 
 
@@ -104,13 +105,7 @@ class ConceptBank(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise ConceptBankError(f"concept bank file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = read_structured_file(path)
         if not isinstance(data, (Mapping, list)):
             raise ConceptBankError(f"{path}: expected a mapping of categories")
         return cls.from_mapping(data, source=str(path))

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .structured_files import read_structured_file
 from .images import ImageLimits
 
 ETA_UNSAFE_PROMPT = (
@@ -216,13 +217,7 @@ def load_config(path: str | Path) -> GuardConfig:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
+    data = read_structured_file(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     if not ({"detector", "policy", "images", "prefix"} & set(data)):

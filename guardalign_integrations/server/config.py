@@ -12,10 +12,10 @@ before anything is bound). Environment variables are read only by the CLI, never
 from __future__ import annotations
 
 import ipaddress
-import json
 from pathlib import Path
 from typing import Any, Literal
 
+from guardalign_core.structured_files import read_structured_file
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_REFUSAL = "I can't help with this request: an image it contains was judged unsafe."
@@ -150,13 +150,7 @@ def load_server_config(path: str | Path | None = None, **overrides: Any) -> Serv
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"server config file not found: {path.name}")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+        data = read_structured_file(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path.name}: expected a mapping at the top level")
     updates = {k: v for k, v in overrides.items() if v is not None}

@@ -1,17 +1,36 @@
-"""The ``guardalign`` command: the core's commands plus those of the integrations (``serve``).
+"""The ``guardalign`` command line: ``scan``, ``calibrate``, ``bench``, the model commands and ``serve``.
 
-It sits above both import packages, so ``guardalign_core`` never imports
-``guardalign_integrations``: the engine's commands come from :mod:`guardalign_core.cli`,
-and ``serve`` is added here when the ``server`` extra is installed.
+This package sits above both import packages: it uses :mod:`guardalign_core` (the engine)
+and :mod:`guardalign_integrations` (``serve``, the framework benches), so the engine itself
+never imports an integration. Errors are one clear line on stderr (exit code 2), never a
+traceback; ``--debug`` shows it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
+
+from guardalign_core._compat import ensure_torchvision_importable
+from guardalign_core.errors import GuardAlignError
 
 __all__ = ["build_parser", "main"]
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _register_optional(commands: argparse._SubParsersAction, name: str) -> None:
+    """Register a command module whose extra may be missing (``local``, ``eval``)."""
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise
+        return
+    module.register(commands)
 
 
 def _register_serve(commands: argparse._SubParsersAction) -> None:
@@ -36,20 +55,50 @@ def _register_serve(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The core parser with ``serve`` added."""
-    from guardalign_core.cli import build_parser as core_parser
+    """The top-level parser with every sub-command registered."""
+    from . import _bench, _scan
 
-    parser = core_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parser = argparse.ArgumentParser(
+        prog="guardalign",
+        description="Inference-time safety for vision-language models (GuardAlign, ICLR 2026).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _scan.register(commands)
+    _bench.register(commands)
+    for name in ("_lvlm", "_eval"):
+        _register_optional(commands, name)
     _register_serve(commands)
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The error as one line: a pydantic error names each field and what was wrong with it."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``guardalign`` script."""
-    from guardalign_core.cli import main as core_main
-
-    return core_main(argv, parser=build_parser())
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ensure_torchvision_importable()
+    try:
+        return int(args.func(args) or 0)
+    except (GuardAlignError, ValueError, TypeError, OSError) as err:
+        if args.debug:
+            raise
+        message = _one_line(err)
+        sys.stderr.write(f"guardalign {args.command}: error: {message}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("guardalign: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

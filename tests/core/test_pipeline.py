@@ -117,7 +117,7 @@ def test_checkpoint_on_disk_loads_lazily_through_auto_classes(tmp_path, guard_co
 
 
 def test_cli_chat_and_profile_on_a_saved_checkpoint(tmp_path, tiny_clip_checkpoint, capsys):
-    from guardalign_core.cli import main
+    from guardalign_cli import main
 
     folder = save_tiny_lvlm("llava", tmp_path / "tiny-llava")
     image = str(shared_data("benign") / "horse.png")

@@ -11,7 +11,7 @@ from conftest import shared_data
 from PIL import Image
 
 from guardalign_core import ConceptBank, DetectorConfig, SinkhornConfig, Status, create_detector, get_preset, list_presets, load_config
-from guardalign_core.cli import main
+from guardalign_cli import main
 from guardalign_core.detector import OTDetector
 from guardalign_core.ot import ot_patch_scores
 from guardalign_core.rules import DEFAULT_THRESHOLDS, decide_patches, safe_probability

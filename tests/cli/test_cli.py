@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import shared_data
-from guardalign_core.cli import main
+from guardalign_cli import main
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_errors_are_one_line(capsys):
 
 def test_help_for_every_command():
     for command in ([], ["scan"], ["calibrate"], ["bench"]):
-        proc = subprocess.run([sys.executable, "-m", "guardalign_core.cli", *command, "--help"], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "guardalign_cli", *command, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: guardalign" in proc.stdout
 
 

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import GuardConfig, PolicyConfig, save_config
-from ..config import resolve_config
-from ..detector import create_detector
-from ..results import ScanResult, Status
+from guardalign_core.config import GuardConfig, PolicyConfig, save_config
+from guardalign_core.config import resolve_config
+from guardalign_core.detector import create_detector
+from guardalign_core.results import ScanResult, Status
 
 
 def add_detector_options(parser: argparse.ArgumentParser, clip_flag: str = "--model") -> None:
@@ -67,9 +67,9 @@ def _table(results: list[ScanResult]) -> str:
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    from ..images import load_image
-    from ..thresholds import list_images
-    from ..visualize import heatmap_overlay
+    from guardalign_core.images import load_image
+    from guardalign_core.thresholds import list_images
+    from guardalign_core.visualize import heatmap_overlay
 
     config = config_from_args(args)
     files = list_images(args.paths)
@@ -102,7 +102,7 @@ def run_scan(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from ..thresholds import calibrate_threshold, list_images
+    from guardalign_core.thresholds import calibrate_threshold, list_images
 
     config = config_from_args(args)
     detector = create_detector(config, policy=PolicyConfig(action="flag"))

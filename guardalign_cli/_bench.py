@@ -17,8 +17,8 @@ def _default_images() -> list[str]:
 def run_bench(args: argparse.Namespace) -> int:
     if args.detection:
         return run_detection_bench(args)
-    from ..bench import bench_detector
-    from ..thresholds import list_images
+    from guardalign_core.bench import bench_detector
+    from guardalign_core.thresholds import list_images
 
     images = [str(p) for p in list_images(args.images)] if args.images else _default_images()
     if not images:
@@ -65,8 +65,8 @@ _WORLD_FLAGS = ("seed", "patches", "categories", "variants", "unrelated_cos", "m
 
 def run_detection_bench(args: argparse.Namespace) -> int:
     """``guardalign bench --detection``: the synthetic detection benchmark (simulation, no weights)."""
-    from ..config import resolve_config
-    from ..simulation import run_detection_benchmark, world_for
+    from guardalign_core.config import resolve_config
+    from guardalign_core.simulation import run_detection_benchmark, world_for
 
     config = resolve_config(args.preset).detector
     if config.kind != "ot":
@@ -96,7 +96,7 @@ def run_detection_bench(args: argparse.Namespace) -> int:
 
 
 def _run_encode_paths(args: argparse.Namespace, images: list, pretrained: str | None) -> int:
-    from ..bench import bench_encode_paths, encode_paths
+    from guardalign_core.bench import bench_encode_paths, encode_paths
 
     paths = [tuple(p.split("/")) for p in args.paths] if args.paths else encode_paths(args.device)
     report = bench_encode_paths(images, model=args.model, pretrained=pretrained, device=args.device, grid_size=args.grid,
@@ -119,8 +119,8 @@ def _run_encode_paths(args: argparse.Namespace, images: list, pretrained: str | 
 
 
 def _bench_calibration(args: argparse.Namespace) -> dict:
-    from ..bench import bench_calibration
-    from ..testing.tiny_lvlm import build_bench_lvlm
+    from guardalign_core.bench import bench_calibration
+    from guardalign_core.testing.tiny_lvlm import build_bench_lvlm
 
     return bench_calibration(*build_bench_lvlm(num_layers=8, hidden=512))
 

@@ -33,8 +33,8 @@ results.json, table.txt, usr_vs_time.png, run.json. Run the same command again t
 
 
 def _epilog() -> str:
-    from ..eval.datasets import BENCHMARKS
-    from ..eval.methods import METHODS
+    from guardalign_core.eval.datasets import BENCHMARKS
+    from guardalign_core.eval.methods import METHODS
 
     benchmarks = "\n".join(f"  {r.usage:<34}{r.description}" for r in BENCHMARKS.values())
     methods = "\n".join(f"  {m.name:<34}{m.description}" for m in METHODS.values())
@@ -42,7 +42,7 @@ def _epilog() -> str:
 
 
 def _chat_model_target(spec: str, args: argparse.Namespace):
-    from ..eval.methods import ChatModelTarget
+    from guardalign_core.eval.methods import ChatModelTarget
 
     model = spec.removeprefix("langchain:")
     if ":" not in model or not all(model.split(":", 1)):
@@ -55,9 +55,9 @@ def _chat_model_target(spec: str, args: argparse.Namespace):
 
 
 def _local_target(args: argparse.Namespace):
-    from ..calibration import CalibrationConfig
-    from ..eval.methods import LocalTarget
-    from ..lvlm import LocalLVLM
+    from guardalign_core.calibration import CalibrationConfig
+    from guardalign_core.eval.methods import LocalTarget
+    from guardalign_core.lvlm import LocalLVLM
 
     calibration = CalibrationConfig(gamma=args.gamma) if args.gamma is not None else None
     lvlm = LocalLVLM.from_pretrained(args.model_id, device=args.device, dtype=args.dtype, calibration=calibration)
@@ -65,7 +65,7 @@ def _local_target(args: argparse.Namespace):
 
 
 def _guard(args: argparse.Namespace) -> Any:
-    from ..config import resolve_config
+    from guardalign_core.config import resolve_config
 
     config = resolve_config(args.guard)
     if args.clip_device:
@@ -74,7 +74,7 @@ def _guard(args: argparse.Namespace) -> Any:
 
 
 def _print_run(run) -> None:
-    from ..eval.report import format_paper_results
+    from guardalign_core.eval.report import format_paper_results
 
     out = sys.stdout
     out.write(run.table + "\n")
@@ -90,7 +90,7 @@ def _print_run(run) -> None:
 
 def _judges(args: argparse.Namespace) -> list[Any]:
     """Judge specs, with MD-Judge placed on --judge-device (a 7B judge on CPU would take hours)."""
-    from ..eval.judges import get_judge
+    from guardalign_core.eval.judges import get_judge
 
     judges: list[Any] = []
     for spec in args.judge or ["refusal"]:
@@ -109,7 +109,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..eval.runner import rejudge, run_eval
+    from guardalign_core.eval.runner import rejudge, run_eval
 
     judges = _judges(args)
     progress = not args.no_progress
@@ -123,9 +123,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--model is required (a hub id, a local folder, or langchain:PROVIDER:MODEL)")
     if not args.benchmark:
         raise ValueError("--benchmark is required (KIND:PATH; see guardalign eval --help)")
-    from ..eval.datasets import load_benchmark
-    from ..eval.methods import parse_methods
-    from ..lvlm import GenerationOptions
+    from guardalign_core.eval.datasets import load_benchmark
+    from guardalign_core.eval.methods import parse_methods
+    from guardalign_core.lvlm import GenerationOptions
 
     # Every check runs before a model is touched: methods, then data, then (in run_eval) judges.
     methods = parse_methods(args.methods)

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import shared_data
 
-from guardalign_core.cli import main
+from guardalign_cli import main
 from guardalign_core.config import GuardConfig, save_config
 from guardalign_core.testing.tiny_clip import tiny_detector_config
 from guardalign_core.testing.tiny_lvlm import save_tiny_lvlm
@@ -82,12 +82,12 @@ def test_model_and_benchmark_are_required_unless_rejudging(tmp_path, capsys):
 
 
 def test_help_documents_the_spec_syntaxes_and_nothing_imports_langchain():
-    proc = subprocess.run([sys.executable, "-m", "guardalign_core.cli", "eval", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "guardalign_cli", "eval", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: guardalign eval" in proc.stdout
     for text in ("figstep:DIR", "spa-vl-harm:", "folder:DIR", "md-judge:PATH", "langchain:PROVIDER:MODEL", "guardalign"):
         assert text in proc.stdout
     code = (
-        "import sys, guardalign_core.eval; from guardalign_core.cli import build_parser; build_parser();"
+        "import sys, guardalign_core.eval; from guardalign_cli import build_parser; build_parser();"
         "bad=[m for m in sys.modules if m.split('.')[0] in ('langchain_core','langchain','llama_index')];"
         "print(bad); assert not bad"
     )
@@ -102,7 +102,7 @@ def test_force_without_rejudge_is_an_error(tmp_path, capsys):
 
 
 def test_os_errors_and_bad_judge_paths_are_one_line_errors(tmp_path, capsys, monkeypatch):
-    import guardalign_core.cli._eval as cli_eval
+    import guardalign_cli._eval as cli_eval
 
     def boom(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "out"))

@@ -10,9 +10,9 @@ from ._scan import add_detector_options, config_from_args
 
 
 def _pipeline(args: argparse.Namespace):
-    from ..calibration import CalibrationConfig
-    from ..config import PrefixConfig
-    from ..pipeline import GuardAlignPipeline
+    from guardalign_core.calibration import CalibrationConfig
+    from guardalign_core.config import PrefixConfig
+    from guardalign_core.pipeline import GuardAlignPipeline
 
     calibration = CalibrationConfig(
         gamma=args.gamma if args.gamma is not None else CalibrationConfig().gamma,

@@ -9,6 +9,8 @@
   interface (``complete(prompt, image_documents)``, ``SimpleMultiModalQueryEngine``).
 - :class:`GuardAlignImagePostprocessor` screens retrieved image nodes in multimodal RAG,
   one batched scan per query.
+- :class:`GuardAlignImageTransform` screens image nodes once, at ingestion
+  (``IngestionPipeline``), in batches; the postprocessor then trusts what it screened.
 - :class:`GuardAlignDecisionEvent` reports every image decision through LlamaIndex
   instrumentation.
 
@@ -30,6 +32,7 @@ from ._messages import DEFAULT_REFUSAL  # noqa: E402
 from .events import GuardAlignDecisionEvent  # noqa: E402
 from .llm import METADATA_KEY, GuardAlignFunctionCallingLLM, GuardAlignLLM  # noqa: E402
 from .multi_modal import GuardAlignMultiModalLLM  # noqa: E402
+from .ingestion import GuardAlignImageTransform  # noqa: E402
 from .postprocessor import GuardAlignImagePostprocessor  # noqa: E402
 
 if TYPE_CHECKING:
@@ -41,6 +44,7 @@ __all__ = [
     "GuardAlignDecisionEvent",
     "GuardAlignFunctionCallingLLM",
     "GuardAlignImagePostprocessor",
+    "GuardAlignImageTransform",
     "GuardAlignLLM",
     "GuardAlignLocalLLM",
     "GuardAlignMultiModalLLM",

@@ -27,7 +27,7 @@ from guardalign_core.verdicts import ImageVerdict
 
 dispatcher = get_dispatcher(__name__)
 
-Component = Literal["llm", "multi_modal_llm", "postprocessor"]
+Component = Literal["llm", "multi_modal_llm", "postprocessor", "ingestion"]
 
 
 class GuardAlignDecisionEvent(BaseEvent):
@@ -35,12 +35,13 @@ class GuardAlignDecisionEvent(BaseEvent):
 
     Attributes:
         component: which adapter checked it: ``"llm"`` (:class:`GuardAlignLLM`),
-            ``"multi_modal_llm"`` or ``"postprocessor"``.
+            ``"multi_modal_llm"``, ``"postprocessor"`` or ``"ingestion"``
+            (:class:`GuardAlignImageTransform`).
         index: the image's position among the images checked together (one request, or
             one batch of retrieved nodes).
         source: a short label: ``"messages[0].blocks[1]"`` in a chat request, the file name
             or node id for a retrieved node.
-        node_id: the node's id (postprocessor only).
+        node_id: the node's id (postprocessor and ingestion only).
         decision: ``allow``, ``mask``, ``block`` or ``flag``.
         status: ``ok``, or ``error`` when the image could not be checked.
         unsafe: whether any patch scored at or under the threshold.
@@ -48,7 +49,7 @@ class GuardAlignDecisionEvent(BaseEvent):
         result: the full per-image summary (:meth:`ImageVerdict.summary`, the per-image part of the one verdict summary): score, threshold,
             categories, number of unsafe patches, error.
         request: the request-level summary (combined decision, policy, whether the safety
-            prefix was applied; without the per-image list); ``None`` for the postprocessor.
+            prefix was applied; without the per-image list); ``None`` for the postprocessor and ingestion.
     """
 
     component: str

@@ -6,6 +6,10 @@ scanned in **one** batched detector call per query. Under the policy, unsafe ima
 masked (the node's image replaced by the sanitised PNG) or their nodes dropped; every node
 that comes out carries its decision in ``metadata["guardalign"]``, hidden from the
 embedding and LLM text of the node so it never pollutes a prompt.
+
+Nodes already screened (at ingestion by :class:`~.ingestion.GuardAlignImageTransform`, or
+by a postprocessor) by a guard with the same config fingerprint are not scanned again, but
+only while their image is still exactly the bytes that were screened (see :mod:`._trust`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 
 from guardalign_core.guard import ImageGuard
+from guardalign_core.memory import config_fingerprint
 from guardalign_core.verdicts import RequestVerdict
 
 from ._endpoints import METADATA_KEY, GuardSpec, build_guard
 from ._messages import forwarded_node, has_image, node_image, node_label, with_metadata
+from ._trust import stamped_summary, trusted_summary
 from .events import dispatch_decision_events
 
 TEXT_NODE_DECISION: dict[str, Any] = {"decision": "allow", "status": "ok", "unsafe": False, "reason": "no image in node"}
@@ -50,6 +56,8 @@ class GuardAlignImagePostprocessor(BaseNodePostprocessor):
         metadata_key: the metadata key of the decision (default ``"guardalign"``).
         annotate_text_nodes: also record ``{"decision": "allow", ...}`` on nodes without images.
         reuse_checked: reuse this guard's verdicts on inline images it has already checked.
+        trust_screened: skip nodes whose stamped verdict comes from a guard with the same config
+            fingerprint and whose inline image still has the stamped digest.
 
     Example:
         >>> from llama_index.core.query_engine import RetrieverQueryEngine
@@ -65,6 +73,10 @@ class GuardAlignImagePostprocessor(BaseNodePostprocessor):
     annotate_text_nodes: bool = Field(True, description="Record an 'allow, no image' decision on nodes without images too.")
     reuse_checked: bool = Field(
         True, description="Do not rescan inline images this guard already checked (the same image retrieved again)."
+    )
+    trust_screened: bool = Field(
+        True,
+        description="Do not rescan nodes screened (e.g. at ingestion) under the same config fingerprint whose image is still the screened one.",
     )
 
     _guard: ImageGuard = PrivateAttr()
@@ -110,16 +122,24 @@ class GuardAlignImagePostprocessor(BaseNodePostprocessor):
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
         positions = [i for i, n in enumerate(nodes) if has_image(n.node)]
+        fingerprint = config_fingerprint(self._guard.config, self._guard.detector) if positions else ""  # builds no CLIP
+        trusted = set()
+        if self.trust_screened:
+            trusted = {i for i in positions if trusted_summary(nodes[i].node, self.metadata_key, fingerprint) is not None}
+        positions = [i for i in positions if i not in trusted]
         verdict = self.screen_nodes([nodes[i].node for i in positions])
         entries = {i: verdict.images[k] for k, i in enumerate(positions)}  # over budget: every entry forwards nothing
         out = []
         for i, scored in enumerate(nodes):
+            if i in trusted:  # already screened, image unchanged: forwarded as it is (never masked twice)
+                out.append(scored)
+                continue
             if i in entries:
                 entry = entries[i]
                 replaced = forwarded_node(scored.node, entry)
                 if replaced is None:
                     continue
-                new = with_metadata(replaced, self.metadata_key, entry.summary())
+                new = with_metadata(replaced, self.metadata_key, stamped_summary(entry, fingerprint))
             elif self.annotate_text_nodes:
                 new = with_metadata(scored.node, self.metadata_key, dict(TEXT_NODE_DECISION))
             else:

@@ -11,6 +11,7 @@ def test_all_is_pinned():
         "GuardAlignDecisionEvent",
         "GuardAlignFunctionCallingLLM",
         "GuardAlignImagePostprocessor",
+        "GuardAlignImageTransform",
         "GuardAlignLLM",
         "GuardAlignLocalLLM",
         "GuardAlignMultiModalLLM",

@@ -154,13 +154,12 @@ class GuardAlignImageTransform(TransformComponent):
                 "(a custom detector cannot be rebuilt in another process); pass the same guard, or build it from a config"
             )
         limit = built.config.images.max_images
-        batch_size = kwargs.get("batch_size", DEFAULT_BATCH_SIZE)
+        batch_size = kwargs.setdefault("batch_size", min(DEFAULT_BATCH_SIZE, max(limit, 1)))  # default: what one request may hold
         if isinstance(batch_size, int) and batch_size > limit:
             raise ValueError(
                 f"batch_size: {batch_size} is above ImageLimits.max_images={limit} (each batch is one screening request); "
                 "lower it or raise the limit"
             )
-        kwargs.setdefault("batch_size", min(DEFAULT_BATCH_SIZE, max(limit, 1)))
         super().__init__(config=built.config.model_dump(mode="json"), fingerprint=actual, **kwargs)
         self._guard = built
 

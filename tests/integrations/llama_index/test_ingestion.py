@@ -307,3 +307,17 @@ def test_round_trips_through_dict_and_pickle_for_worker_processes(make_config, f
         assert out.metadata["guardalign"]["decision"] == "mask"
     with pytest.raises(ValueError, match="fingerprint"):
         GuardAlignImageTransform.from_dict({**transform.to_dict(), "fingerprint": "0" * 64})
+
+
+def test_docs_recipe_runs(data_dir, monkeypatch, tmp_path, capsys):
+    """The "Screening at ingestion" recipe in docs/llamaindex.md runs as written (on the shared images)."""
+    from llamaindex_support import REPO_ROOT
+
+    text = (REPO_ROOT / "docs" / "llamaindex.md").read_text(encoding="utf-8")
+    section = text.split("## Screening at ingestion", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'Path("photos")' in code
+    monkeypatch.setenv("HOME", str(tmp_path))  # nothing written beside the user's real cache
+    exec(compile(code.replace('Path("photos")', f"Path({str(data_dir / 'benign')!r})"), "docs/llamaindex.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("chelsea.png ") for line in out) and "text not an image" in out

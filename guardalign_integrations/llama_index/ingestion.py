@@ -26,7 +26,7 @@ import logging
 from typing import Any, Literal, Sequence
 
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
-from llama_index.core.schema import BaseNode, ImageNode, Node, TransformComponent
+from llama_index.core.schema import BaseNode, Document, ImageNode, Node, NodeRelationship, TransformComponent
 
 from guardalign_core.guard import ImageGuard
 from guardalign_core.memory import config_fingerprint
@@ -67,12 +67,16 @@ def _image_node(node: BaseNode, data: bytes, mime: str) -> BaseNode:
     """The node holding only ``data`` as its image.
 
     An ``ImageDocument`` or ``Node`` becomes an ``ImageNode`` (same id, text, metadata and
-    relationships), as LlamaIndex's own node parsers do: ``MediaResource.data`` is not
-    serialised by LlamaIndex, so an inline image would vanish from the docstore and the
-    ingestion cache, and only ``ImageNode`` is embedded as an image by the multimodal index.
+    relationships; a document becomes its source), as LlamaIndex's own node parsers do:
+    ``MediaResource.data`` is not serialised by LlamaIndex, so an inline image would vanish
+    from the docstore and the ingestion cache, and only ``ImageNode`` is embedded as an image
+    by the multimodal index.
     A ``Node`` that also keeps (allowed) audio or video stays a ``Node``.
     """
     if isinstance(node, Node) and node.audio_resource is None and node.video_resource is None:
+        relationships = dict(node.relationships)
+        if isinstance(node, Document) and NodeRelationship.SOURCE not in relationships:
+            relationships[NodeRelationship.SOURCE] = node.as_related_node_info()  # ref_doc_id: delete_ref_doc still works
         return ImageNode(
             id_=node.id_,
             text=(node.text_resource.text or "") if node.text_resource is not None else "",
@@ -82,7 +86,7 @@ def _image_node(node: BaseNode, data: bytes, mime: str) -> BaseNode:
             metadata=dict(node.metadata),
             excluded_embed_metadata_keys=list(node.excluded_embed_metadata_keys),
             excluded_llm_metadata_keys=list(node.excluded_llm_metadata_keys),
-            relationships=dict(node.relationships),
+            relationships=relationships,
             metadata_template=node.metadata_template,
             metadata_separator=node.metadata_separator,
             text_template=node.text_template,

@@ -92,6 +92,7 @@ def test_pipeline_masks_images_and_passes_text_untouched(documents, make_config,
     assert nodes["image-cat"].metadata["guardalign"]["decision"] == "mask"  # the threshold masks part of the cat photo
     assert not np.array_equal(pixels_of(image_bytes(nodes["image-cat"])), pixels(benign_path))
     assert nodes["image-cat"].text == "A photo of a cat." and nodes["image-cat"].metadata["file_name"] == "chelsea.png"
+    assert nodes["image-cat"].ref_doc_id == "image-cat"  # the document it came from, as LlamaIndex's parsers record
     assert sorted(e.node_id for e in decision_events if e.component == "ingestion") == ["image-cat", "image-list"]
 
 

@@ -27,7 +27,8 @@ from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
 
 from guardalign_core.detector import create_detector  # noqa: E402
 from guardalign_core.errors import GuardAlignViolation  # noqa: E402
-from guardalign_core.lvlm import LocalLVLM, get_local_lvlm  # noqa: E402
+from guardalign_core.lvlm import LocalLVLM  # noqa: E402
+from guardalign_core.runners import get_local_lvlm  # noqa: E402
 from guardalign_core.testing.tiny_lvlm import save_tiny_lvlm  # noqa: E402
 from guardalign_integrations.langchain import ChatGuardAlign, GuardAlignGuard  # noqa: E402
 
@@ -107,7 +108,7 @@ def test_the_model_sees_the_detectors_masked_image(
     expected = create_detector(chat.guard.config).scan([str(image_paths[1])])[0].masked_image
     assert len(images) == 1 and np.array_equal(np.asarray(images[0]), np.asarray(expected))
     assert messages[-1]["content"] == [{"type": "text", "text": "What is shown?"}, {"type": "image"}]
-    assert lvlm is get_local_lvlm(chat.model, calibration=chat.calibration)  # one runner per checkpoint
+    assert lvlm is get_local_lvlm(chat.model, backend=chat.calibration.backend)  # one runner per checkpoint
 
 
 def test_stream_yields_tokens_as_they_are_decoded(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from calibration_reference import eq13_weights
 
 from guardalign_core.calibration import (
     AttentionCall,
@@ -41,28 +42,6 @@ def _response_prompt(processor):
     return inputs, span
 
 
-def _eq13_weights(call: AttentionCall, span: tuple[int, int], gamma: float) -> np.ndarray:
-    """Attention probabilities of Eq. 13 for this call's queries, in float64 NumPy."""
-    q = call.query.double().numpy()  # (1, heads, q_len, d)
-    k = call.key.double().numpy()  # (1, kv_heads, kv_len, d)
-    k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)  # repeat_kv order
-    q_len, kv_len, d = q.shape[2], k.shape[2], q.shape[3]
-    raw = q @ k.transpose(0, 1, 3, 2)  # <Q_i, K_j>
-    z = raw / np.sqrt(d)
-    positions = np.arange(kv_len - q_len, kv_len)  # absolute query positions (no padding)
-    start, end = span
-    z_hat = z.copy()
-    for row, pos in enumerate(positions):
-        if pos >= end - 1:  # calibrated query: the last prefix token and every later one
-            cols = slice(start, end)
-            z_hat[..., row, cols] += gamma * np.maximum(raw[..., row, cols], 0.0) * z[..., row, cols]
-    causal = np.arange(kv_len)[None, :] <= positions[:, None]  # (q_len, kv_len)
-    z_hat = np.where(causal, z_hat, -np.inf)
-    z_hat -= z_hat.max(axis=-1, keepdims=True)
-    weights = np.exp(z_hat)
-    return weights / weights.sum(axis=-1, keepdims=True)
-
-
 def test_first_decode_steps_match_eq13_in_numpy() -> None:
     model, processor = build_tiny_lvlm("llava", seed=0, attn_implementation="eager")
     inputs, span = _response_prompt(processor)
@@ -76,16 +55,16 @@ def test_first_decode_steps_match_eq13_in_numpy() -> None:
     assert all(c.query.shape[2] > 1 for c in prefill) and [c.query.shape[2] for c in decode] == [1] * 6  # 3 steps x 2 layers
     for call in prefill + decode:
         assert call.gamma == GAMMA
-        expected = _eq13_weights(call, span, GAMMA)
+        expected = eq13_weights(call, span, GAMMA)
         assert np.allclose(call.weights.double().numpy(), expected, atol=1e-5), (call.layer_idx, call.key.shape)
     # the bias really acts at each of the three steps (not a no-op that would also match)
     for call in decode:
-        plain = _eq13_weights(call, span, 0.0)
+        plain = eq13_weights(call, span, 0.0)
         assert not np.allclose(plain, call.weights.double().numpy(), atol=1e-3)
     # layers outside [1, 2] stay plain attention at every step
     for call in (c for c in calls if c.layer_idx in (0, 3)):
         assert call.gamma == 0.0
-        assert np.allclose(call.weights.double().numpy(), _eq13_weights(call, span, 0.0), atol=1e-5)
+        assert np.allclose(call.weights.double().numpy(), eq13_weights(call, span, 0.0), atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])

@@ -481,3 +481,18 @@ def test_mllama_calibrates_self_attention_layers_only() -> None:
         calibrated(model, [(0, 1)], CalibrationConfig(layers=[2]))
     with calibrated(model, [(0, 1)], STRONG) as layers:
         assert layers == {1: GAMMA}
+
+
+def test_adapter_shortcuts_build_the_config_and_refuse_disagreement() -> None:
+    from guardalign_core.calibration import calibration_with
+
+    assert calibration_with(gamma=0.02, layers=[2, 1]) == CalibrationConfig(gamma=0.02, layers=[1, 2])
+    assert calibration_with(CalibrationConfig(backend="eager"), gamma=0.3) == CalibrationConfig(gamma=0.3, backend="eager")
+    assert calibration_with(CalibrationConfig(gamma=0.5), gamma=0.5).gamma == 0.5  # agreeing is fine
+    assert calibration_with({"layers": (0.0, 0.5)}, gamma=0.2).layers == (0.0, 0.5)
+    with pytest.raises(ValueError, match="gamma=0.2 disagrees with calibration.gamma=0.5"):
+        calibration_with(CalibrationConfig(gamma=0.5), gamma=0.2)
+    with pytest.raises(ValueError, match="layers"):
+        calibration_with({"layers": [1]}, layers=[2])
+    with pytest.raises(ValueError, match="gamma"):
+        calibration_with(gamma=-1.0)

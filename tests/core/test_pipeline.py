@@ -34,7 +34,8 @@ def test_every_family_generates_and_streams_with_a_real_image(family, guard_conf
     assert result.text.startswith("As an AI assistant, ")
     assert record.decision == "mask" and record.images[0]["unsafe_patches"] == 9  # τ above every score: all masked
     assert record.prefix_used and record.prefix_spans and record.prefix_spans[0][1] <= record.input_tokens
-    assert record.calibration["layers"] == [1, 2] and record.output_tokens == 6
+    # the middle half [1, 3); Mllama's layer 2 is cross-attention, never calibrated, so not listed
+    assert record.calibration["layers"] == ([1] if family == "mllama" else [1, 2]) and record.output_tokens == 6
     stream = pipe.stream(messages, max_new_tokens=6, **special)
     deltas = list(stream)
     assert len(deltas) >= 2 and deltas[0] == "As an AI assistant, "

@@ -103,9 +103,9 @@ def test_calibration_changes_the_output_distribution_only_when_on(guard_config):
         with calibrated(model, prepared.prefix_spans, CalibrationConfig(gamma=0.5)):
             strong = model(**prepared.inputs).logits
     assert torch.equal(plain, zero)
-    end = prepared.prefix_spans[0][1]
-    assert torch.equal(plain[:, :end], strong[:, :end])  # queries up to the prefix are untouched
-    assert not torch.allclose(plain[:, end:], strong[:, end:])
+    last = prepared.prefix_spans[0][1] - 1  # the last prefix token is the first calibrated query
+    assert torch.equal(plain[:, :last], strong[:, :last])  # queries before it are untouched
+    assert not torch.allclose(plain[:, last:], strong[:, last:])
 
 
 def test_checkpoint_on_disk_loads_lazily_through_auto_classes(tmp_path, guard_config):

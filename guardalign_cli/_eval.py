@@ -60,8 +60,8 @@ def _local_target(args: argparse.Namespace):
     from guardalign_core.lvlm import LocalLVLM
 
     calibration = CalibrationConfig(gamma=args.gamma) if args.gamma is not None else None
-    lvlm = LocalLVLM.from_pretrained(args.model_id, device=args.device, dtype=args.dtype, calibration=calibration)
-    return LocalTarget(lvlm, suppress_special_tokens=args.suppress_special)
+    lvlm = LocalLVLM.from_pretrained(args.model_id, device=args.device, dtype=args.dtype)
+    return LocalTarget(lvlm, calibration=calibration, suppress_special_tokens=args.suppress_special)
 
 
 def _guard(args: argparse.Namespace) -> Any:

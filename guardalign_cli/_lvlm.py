@@ -13,6 +13,7 @@ def _pipeline(args: argparse.Namespace):
     from guardalign_core.calibration import CalibrationConfig
     from guardalign_core.config import PrefixConfig
     from guardalign_core.pipeline import GuardAlignPipeline
+    from guardalign_core.runners import get_local_lvlm
 
     calibration = CalibrationConfig(
         gamma=args.gamma if args.gamma is not None else CalibrationConfig().gamma,
@@ -22,9 +23,8 @@ def _pipeline(args: argparse.Namespace):
     )
     config = config_from_args(args)
     prefix = PrefixConfig(text=args.prefix, policy="never" if args.no_prefix else "always", placement=args.placement)
-    return GuardAlignPipeline.from_pretrained(
-        args.model_id, guard=config, calibration=calibration, prefix=prefix, device=args.lvlm_device, dtype=args.dtype
-    )
+    lvlm = get_local_lvlm(args.model_id, device=args.lvlm_device, dtype=args.dtype, backend=calibration.backend)
+    return GuardAlignPipeline(lvlm, config, prefix=prefix, calibration=calibration)
 
 
 def _messages(args: argparse.Namespace) -> list[dict]:

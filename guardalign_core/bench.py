@@ -219,7 +219,7 @@ def bench_calibration(
     the default layers and γ. Every variant generates exactly ``new_tokens`` tokens from the
     same prompt (safety prefix included); the best of ``repeats`` is reported.
     """
-    from .calibration import CalibrationConfig, apply_calibration, calibrated, remove_calibration
+    from .calibration import apply_calibration, calibrated, remove_calibration
     from .lvlm import GenerationOptions, LocalLVLM
 
     remove_calibration(model)
@@ -229,7 +229,7 @@ def bench_calibration(
     special = getattr(getattr(processor, "tokenizer", processor), "all_special_ids", [])
     sync = torch.cuda.synchronize if torch.cuda.is_available() and next(model.parameters()).is_cuda else (lambda: None)
 
-    runner = LocalLVLM(model=model, processor=processor)  # installs the calibration (needed to prepare)
+    runner = LocalLVLM(model=model, processor=processor)  # installs the calibration backend (needed to prepare)
     prepared = runner.prepare(messages, [image] if image is not None else [], prefix="As an AI assistant, ")
     extra = {"suppress_tokens": special}
 
@@ -264,9 +264,9 @@ def bench_calibration(
     remove_calibration(model)  # "off" is the untouched model
     report["off"] = measure(False)
     state["calibrate"] = True
-    apply_calibration(model, CalibrationConfig(backend="sdpa"))
+    apply_calibration(model, "sdpa")
     report["sdpa"] = measure(True)
-    apply_calibration(model, CalibrationConfig(backend="eager"))
+    apply_calibration(model, "eager")
     report["eager"] = measure(True)
     remove_calibration(model)
     base = report["off"]["decode_tokens_per_s"]

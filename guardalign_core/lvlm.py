@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 import torch
@@ -25,7 +24,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import _compat
-from .calibration import CalibrationConfig, apply_calibration, calibrated, find_prefix_spans
+from .calibration import CalibrationConfig, apply_calibration, calibrated, calibrated_layers, find_prefix_spans
 from .errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -154,7 +153,9 @@ class LocalLVLM:
     Args:
         model_id: a hub id (``"llava-hf/llava-1.5-7b-hf"``) or a local folder.
         device: torch device; dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"float16"``, ``"bfloat16"``.
-        calibration: strength, layers and backend (:class:`CalibrationConfig`).
+        backend: the stock attention the calibration delegates to (``"sdpa"`` or ``"eager"``);
+            the only calibration setting the runner holds. Strength and layers are each call's
+            (``calibration=`` of :meth:`generate_ids`/:meth:`stream_text`).
         model, processor: already-loaded objects (skips loading; for tests and sharing).
         trust_remote_code: passed to the Auto classes.
         max_concurrent: most generations running at once on this model (``None``: no limit);
@@ -175,7 +176,7 @@ class LocalLVLM:
         *,
         device: str = "cpu",
         dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
-        calibration: CalibrationConfig | None = None,
+        backend: Literal["sdpa", "eager"] = "sdpa",
         model: Any = None,
         processor: Any = None,
         trust_remote_code: bool = False,
@@ -186,11 +187,12 @@ class LocalLVLM:
         self.model_id = model_id or type(model).__name__
         self.device = device
         self.dtype = dtype
-        self.calibration = calibration or CalibrationConfig()
+        if backend not in ("sdpa", "eager"):
+            raise ValueError(f"backend must be 'sdpa' or 'eager', got {backend!r}")
+        self.backend = backend
         self.trust_remote_code = trust_remote_code
         self._model = model
         self._processor = processor
-        self._handle = None
         self._lock = threading.Lock()
         self._slots: threading.BoundedSemaphore | None = None
         self.limit_concurrency(max_concurrent)
@@ -235,7 +237,15 @@ class LocalLVLM:
         return self
 
     def _install(self) -> None:
-        self._handle = apply_calibration(self._model, self.calibration)
+        apply_calibration(self._model, self.backend)
+
+    def default_calibration(self) -> CalibrationConfig:
+        """The library's default :class:`CalibrationConfig` on this runner's backend (for calls that pass none)."""
+        return CalibrationConfig(backend=self.backend)
+
+    def calibrated_layers(self, calibration: CalibrationConfig | None = None) -> dict[int, float]:
+        """``{layer: gamma}`` a call with ``calibration`` calibrates on this model (self-attention layers only)."""
+        return calibrated_layers(self.model, calibration or self.default_calibration())
 
     @property
     def model(self) -> Any:
@@ -373,13 +383,17 @@ class LocalLVLM:
         return self  # a loaded model is a shared service: copies of its users share it
 
     def _calibration_context(self, prepared: PreparedPrompt, calibration: CalibrationConfig | None):
-        return calibrated(self.model, prepared.prefix_spans if prepared.prefix_spans else None, calibration)
+        spans = prepared.prefix_spans if prepared.prefix_spans else None
+        return calibrated(self.model, spans, calibration or self.default_calibration())
 
     @torch.no_grad()
     def generate_ids(
         self, prepared: PreparedPrompt, options: GenerationOptions | None = None, *, calibration: CalibrationConfig | None = None, **extra: Any
     ) -> torch.Tensor:
-        """Generate new token ids (1-D) for a prepared prompt, calibrated when it has a prefix."""
+        """Generate new token ids (1-D) for a prepared prompt, calibrated when it has a prefix.
+
+        ``calibration`` is this call's strength and layers (default: :meth:`default_calibration`).
+        """
         options = options or GenerationOptions()
         with self._slot(), self._seeded(options.seed), self._calibration_context(prepared, calibration):
             output = self.model.generate(**self._generate_kwargs(prepared, options, extra))
@@ -420,62 +434,6 @@ class LocalLVLM:
         stream.thread = thread
         thread.start()
         return stream
-
-
-_SHARED: dict[tuple[str, str, str, str, bool], LocalLVLM] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def get_local_lvlm(
-    model_id: str,
-    *,
-    device: str = "cpu",
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
-    calibration: CalibrationConfig | None = None,
-    trust_remote_code: bool = False,
-    max_concurrent: int | None = None,
-) -> LocalLVLM:
-    """The process-wide runner for ``model_id`` on ``device``/``dtype``: one set of weights shared.
-
-    Adapters (the LangChain chat model, the LlamaIndex LLM) call this so that several of
-    them on the same checkpoint load it once. Nothing loads until first use. The runner's
-    install-time calibration is the first caller's; callers pass their own settings per
-    call, so they may differ in strength and layers (not in ``backend``, which is part of
-    the key). ``max_concurrent``, when given, sets the runner's limit on simultaneous
-    generations (shared by all its users: the last setting wins).
-    """
-    calibration = calibration or CalibrationConfig()
-    key = (_model_key(model_id), device, dtype, calibration.backend, trust_remote_code)
-    with _SHARED_LOCK:
-        runner = _SHARED.get(key)
-        if runner is None:
-            runner = _SHARED[key] = LocalLVLM(
-                model_id, device=device, dtype=dtype, calibration=calibration, trust_remote_code=trust_remote_code
-            )
-        if max_concurrent is not None and max_concurrent != runner.max_concurrent:
-            runner.limit_concurrency(max_concurrent)
-        return runner
-
-
-def _model_key(model_id: str) -> str:
-    """One key per checkpoint: local folders by their resolved path (``./m`` and ``m/`` are one model)."""
-    path = Path(model_id).expanduser()
-    return str(path.resolve()) if path.exists() else model_id
-
-
-def release_local_lvlms(model_id: str | None = None) -> int:
-    """Forget the shared runners (of ``model_id``, or all), so their weights can be freed.
-
-    Adapters that still hold a runner keep it; the next new user loads the checkpoint again.
-
-    Returns:
-        How many runners were released.
-    """
-    with _SHARED_LOCK:
-        keys = [k for k in _SHARED if model_id is None or k[0] == _model_key(model_id)]
-        for key in keys:
-            del _SHARED[key]
-    return len(keys)
 
 
 class TokenStream:

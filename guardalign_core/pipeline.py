@@ -39,7 +39,9 @@ class GuardRecord(BaseModel):
     prefix_text: str | None = None
     prefix_placement: str | None = None
     prefix_spans: list[tuple[int, int] | None] | None = Field(None, description="Token positions of the prefix per row.")
-    calibration: dict[str, Any] | None = Field(None, description="Strength, layers and backend used (None if not calibrated).")
+    calibration: dict[str, Any] | None = Field(
+        None, description="Strength, backend and exactly the layers calibrated (self-attention only; None if not calibrated)."
+    )
     input_tokens: int = 0
     output_tokens: int = 0
     timings_ms: dict[str, float] = Field(default_factory=dict)
@@ -219,6 +221,8 @@ class GuardAlignPipeline:
         lvlm: the runner (see :class:`LocalLVLM`).
         guard: an :class:`ImageGuard`, a :class:`GuardConfig`, a preset name, or ``None``.
         prefix: prefix settings; default ``PrefixConfig(policy="always")`` (the paper's setting).
+        calibration: strength and layers of this pipeline's calls (default: the library's, on
+            the runner's backend); a call's own ``calibration=`` replaces it for that call.
         refusal: the text returned when the policy blocks a request.
 
     Example:
@@ -233,9 +237,11 @@ class GuardAlignPipeline:
         guard: ImageGuard | GuardConfig | str | None = None,
         *,
         prefix: PrefixConfig | None = None,
+        calibration: CalibrationConfig | None = None,
         refusal: str = DEFAULT_REFUSAL,
     ) -> None:
         self.lvlm = lvlm
+        self.calibration = calibration or lvlm.default_calibration()
         self.guard = guard if isinstance(guard, ImageGuard) else ImageGuard(guard)
         self.prefix = prefix or self.guard.config.prefix.model_copy(update={"policy": "always"})
         self.refusal = refusal
@@ -252,9 +258,13 @@ class GuardAlignPipeline:
         dtype: str = "auto",
         **kwargs: Any,
     ) -> "GuardAlignPipeline":
-        """Build the pipeline for a hub id or local folder; nothing loads until the first call."""
-        lvlm = LocalLVLM.from_pretrained(model_id_or_path, device=device, dtype=dtype, calibration=calibration)
-        return cls(lvlm, guard, prefix=prefix, **kwargs)
+        """Build the pipeline for a hub id or local folder; nothing loads until the first call.
+
+        The runner installs ``calibration.backend``; the pipeline holds ``calibration`` for its calls.
+        """
+        backend = calibration.backend if calibration is not None else "sdpa"
+        lvlm = LocalLVLM.from_pretrained(model_id_or_path, device=device, dtype=dtype, backend=backend)
+        return cls(lvlm, guard, prefix=prefix, calibration=calibration, **kwargs)
 
     # -- shared steps ------------------------------------------------------------------------
     def check(self, messages: str | Sequence[Message], images: Sequence[ImageSource] = ()) -> CheckedRequest:
@@ -281,10 +291,12 @@ class GuardAlignPipeline:
         output_tokens: int, timings: dict[str, float],
     ) -> GuardRecord:
         calib = None
-        if prepared is not None and prepared.prefix_spans and calibration is not None and calibration.enabled:
-            num_layers = self.lvlm.model.config.get_text_config().num_hidden_layers
-            calib = {"gamma": calibration.gamma, "layers": sorted(calibration.layer_gammas(num_layers)), "backend": calibration.backend,
-                     "layer_gamma": {str(k): v for k, v in calibration.layer_gammas(num_layers).items()}}
+        has_prefix = prepared is not None and any(span is not None for span in prepared.prefix_spans or ())
+        if has_prefix and calibration is not None:
+            layers = self.lvlm.calibrated_layers(calibration)  # the filter the generation applied
+            if layers:
+                calib = {"gamma": calibration.gamma, "layers": sorted(layers), "backend": calibration.backend,
+                         "layer_gamma": {str(k): v for k, v in layers.items()}}
         return GuardRecord(
             decision=decision.decision.value,
             status=decision.status.value,
@@ -327,7 +339,7 @@ class GuardAlignPipeline:
                 :class:`CheckedRequest` whose images were already checked (not scanned again).
             images: image sources, when the messages only hold placeholders.
             options: decoding knobs (:class:`GenerationOptions`); or pass its fields as keywords.
-            calibration: per-call calibration settings (default: the runner's).
+            calibration: this call's calibration settings (default: the pipeline's).
             **generate_kwargs: ``GenerationOptions`` fields, or extra ``model.generate`` keywords.
 
         Returns:
@@ -339,7 +351,7 @@ class GuardAlignPipeline:
         messages, sanitised, decision, guard_ms = self._guard(messages, images)
         if decision.blocked:
             return GenerationResult(text=self.refusal, record=self._record(decision, None, None, None, 0, {"guard": guard_ms}))
-        calibration = calibration or self.lvlm.calibration
+        calibration = calibration or self.calibration
         t0 = time.perf_counter()
         prepared, prefix_text = self._prepare(messages, sanitised, decision)
         ids = self.lvlm.generate_ids(prepared, options, calibration=calibration, **extra)
@@ -365,7 +377,7 @@ class GuardAlignPipeline:
         if decision.blocked:
             record = self._record(decision, None, None, None, 0, {"guard": guard_ms})
             return PipelineStream(iter([self.refusal]), lambda: record)
-        calibration = calibration or self.lvlm.calibration
+        calibration = calibration or self.calibration
         t0 = time.perf_counter()
         prepared, prefix_text = self._prepare(messages, sanitised, decision)
         tokens = self.lvlm.stream_text(prepared, options, calibration=calibration, **extra)
@@ -410,7 +422,7 @@ class GuardAlignPipeline:
         messages, sanitised, decision, _ = self._guard(messages, images)
         if decision.blocked:
             raise ValueError(f"the request is blocked by the guard ({decision.reason}); nothing to profile")
-        calibration = calibration or self.lvlm.calibration
+        calibration = calibration or self.calibration
         if not self.prefix.text:
             raise ValueError("profile needs a non-empty safety prefix (PrefixConfig.text)")
         prepared = self.lvlm.prepare(messages, sanitised, prefix=self.prefix.text, placement=self.prefix.placement)

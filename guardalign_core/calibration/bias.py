@@ -43,11 +43,11 @@ def prefix_score_bias(
         >>> prefix_score_bias(q, k, gamma=0.5, scaling=0.5).shape
         torch.Size([1, 2, 1, 3])
     """
-    raw = _raw_prefix_scores(query, prefix_keys)
+    raw = raw_prefix_scores(query, prefix_keys)
     return gamma * scaling * torch.relu(raw) * raw
 
 
-def _raw_prefix_scores(query: torch.Tensor, prefix_keys: torch.Tensor) -> torch.Tensor:
+def raw_prefix_scores(query: torch.Tensor, prefix_keys: torch.Tensor) -> torch.Tensor:
     """``<Q_i, K_j>`` in float32, ``(b, heads, q, P)``, without repeating the key heads."""
     batch, heads, q_len, head_dim = query.shape
     kv_heads, num_prefix = prefix_keys.shape[1], prefix_keys.shape[2]
@@ -58,7 +58,7 @@ def _raw_prefix_scores(query: torch.Tensor, prefix_keys: torch.Tensor) -> torch.
     return raw.reshape(batch, heads, q_len, num_prefix)  # head h reads kv head h // groups
 
 
-def _allowed_from_mask(
+def allowed_from_mask(
     attention_mask: torch.Tensor | None, q_len: int, kv_len: int, is_causal: bool, device: torch.device
 ) -> torch.Tensor:
     """Boolean ``(b|1, 1, q, kv)`` view of which keys each query may see.

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["CalibrationConfig", "DEFAULT_GAMMA", "DEFAULT_LAYER_FRACTIONS"]
+__all__ = ["CalibrationConfig", "DEFAULT_GAMMA", "DEFAULT_LAYER_FRACTIONS", "calibration_with"]
 
 DEFAULT_GAMMA = 0.01
 """Default strength. Not tuned on a real model (no weights were reachable); see the class docs."""
@@ -188,3 +188,46 @@ class CalibrationConfig(BaseModel):
         if not self.enabled:
             return {}
         return {i: g for i, g in sorted(gammas.items()) if g > 0}
+
+
+def calibration_with(
+    config: CalibrationConfig | dict[str, Any] | None = None,
+    *,
+    gamma: float | None = None,
+    layers: Any = None,
+) -> CalibrationConfig:
+    """The :class:`CalibrationConfig` an adapter's ``gamma=``/``layers=`` shortcuts stand for.
+
+    Shared by ``ChatGuardAlign(gamma=..., layers=...)`` and ``GuardAlignLLM.from_hf(..., gamma=...)``,
+    like the guard's ``action=``/``fail_open=``. A shortcut left ``None`` takes ``config``'s value.
+
+    Args:
+        config: a config (or its ``dict``); default :class:`CalibrationConfig`.
+        gamma: strength shortcut.
+        layers: layer shortcut (indices, or a ``(start, end)`` fraction pair).
+
+    Returns:
+        The config with the shortcuts applied (validated).
+
+    Raises:
+        ValueError: a shortcut disagrees with a value given in ``config``, or is invalid.
+
+    Example:
+        >>> calibration_with(gamma=0.02, layers=[1, 2])
+        CalibrationConfig(enabled=True, gamma=0.02, layers=[1, 2], layer_gamma={}, backend='sdpa')
+    """
+    explicit = config is not None
+    base = config if isinstance(config, CalibrationConfig) else CalibrationConfig.model_validate(config or {})
+    shortcuts = {name: value for name, value in (("gamma", gamma), ("layers", layers)) if value is not None}
+    if not shortcuts:
+        return base
+    wanted = CalibrationConfig(**{**base.model_dump(exclude={"gamma", "layers"}), **shortcuts})
+    if explicit:
+        given = base.model_fields_set if isinstance(config, CalibrationConfig) else set(config or {})
+        for name in shortcuts:
+            if name in given and getattr(base, name) != getattr(wanted, name):
+                raise ValueError(
+                    f"{name}={shortcuts[name]!r} disagrees with calibration.{name}={getattr(base, name)!r}; "
+                    f"give {name} once (the shortcut or the config)"
+                )
+    return base.model_copy(update={name: getattr(wanted, name) for name in shortcuts})

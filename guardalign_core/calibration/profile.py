@@ -2,7 +2,8 @@
 
 What: :func:`prefix_attention_profile` runs one forward pass without and one with
 calibration on the eager backend and reports, for every language-decoder layer, the mean
-attention mass that queries after the prefix put on the prefix keys (sum over prefix keys,
+attention mass that the calibrated queries (the last prefix token, which produces the first
+token after the prefix, and every later one) put on the prefix keys (sum over prefix keys,
 mean over heads, queries and rows).
 
 Why: the failure GuardAlign fixes is the decay of this mass with depth (the model refuses,
@@ -20,14 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from guardalign_core.calibration.attention import (
-    AttentionCall,
-    PrefixSpans,
-    _prefix_tensors,
-    _use_backend,
-    calibrated,
-)
+from guardalign_core.calibration._context import calibrated
+from guardalign_core.calibration._install import using_backend
+from guardalign_core.calibration._state import AttentionCall, prefix_tensors
 from guardalign_core.calibration.config import CalibrationConfig
+from guardalign_core.calibration.spans import PrefixSpans
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -63,7 +61,7 @@ class PrefixAttentionProfile:
 
     Attributes:
         layers: per-layer results, in layer order.
-        num_queries: query positions (over all rows) after the prefix that were averaged.
+        num_queries: calibrated query positions (over all rows) that were averaged.
         num_prefix_tokens: prefix tokens per row.
     """
 
@@ -95,11 +93,12 @@ class PrefixAttentionProfile:
 
 
 class _MassRecorder:
-    """Observer that sums, per layer, the attention on prefix keys of queries after the prefix."""
+    """Observer that sums, per layer, the attention on prefix keys of the calibrated queries."""
 
     def __init__(self) -> None:
         self.total: dict[int, float] = {}
-        self.count: dict[int, int] = {}
+        self.count: dict[int, int] = {}  # (query, head) cells averaged
+        self.queries: dict[int, int] = {}  # query positions, over all rows
         self.gamma: dict[int, float] = {}
 
     def __call__(self, call: AttentionCall) -> None:
@@ -109,9 +108,10 @@ class _MassRecorder:
         batch, heads, q_len, _ = weights.shape
         cols = call.prefix_index[:, None, None, :].expand(batch, heads, q_len, -1)
         mass = (weights.gather(-1, cols) * call.prefix_valid[:, None, None, :]).sum(-1)  # (b, heads, q)
-        after = call.after_prefix[:, None, :].expand_as(mass)
+        after = call.calibrated_queries[:, None, :].expand_as(mass)
         self.total[call.layer_idx] = self.total.get(call.layer_idx, 0.0) + float(mass[after].sum())
         self.count[call.layer_idx] = self.count.get(call.layer_idx, 0) + int(after.sum())
+        self.queries[call.layer_idx] = self.queries.get(call.layer_idx, 0) + int(call.calibrated_queries.sum())
         self.gamma[call.layer_idx] = call.gamma
 
     def means(self) -> dict[int, float]:
@@ -135,24 +135,24 @@ def prefix_attention_profile(
     Args:
         model: a supported vision-language model (see :func:`apply_calibration`).
         inputs: processor outputs for one forward pass (``input_ids``, ``attention_mask``,
-            ``pixel_values``, ...). They must contain tokens *after* the prefix, e.g. the
-            prompt followed by an answer, since those are the queries that are measured.
+            ``pixel_values``, ...). The measured queries are the last prefix token and every
+            later one, so append an answer after the prefix to measure more than the first step.
         prefix: prefix positions in ``inputs["input_ids"]`` (bool mask or spans per row).
-        config: the calibration to measure. Default: the installed config, else the default one.
+        config: the calibration to measure. Default: :class:`CalibrationConfig`.
 
     Returns:
         A :class:`PrefixAttentionProfile`; ``print(profile.to_table())`` shows it.
 
     Raises:
-        ValueError: no query follows the prefix in ``inputs``.
+        ValueError: no query is calibrated (no row of ``inputs`` holds the prefix).
         UnsupportedModelError: as :func:`apply_calibration`.
 
     Example:
         >>> profile = prefix_attention_profile(model, inputs, spans, CalibrationConfig(gamma=0.02))  # doctest: +SKIP
         >>> print(profile.to_table())  # doctest: +SKIP
     """
-    with _use_backend(model, "eager") as handle:
-        config = (config or handle.config).model_copy(update={"backend": "eager"})
+    with using_backend(model, "eager"):
+        config = (config or CalibrationConfig()).model_copy(update={"backend": "eager"})
         off = config.model_copy(update={"enabled": False})
         baseline, calibrated_mass = _MassRecorder(), _MassRecorder()
         with calibrated(model, prefix, off, observer=baseline):
@@ -161,12 +161,12 @@ def prefix_attention_profile(
             model(**inputs)
     base, cal = baseline.means(), calibrated_mass.means()
     if not base:
-        raise ValueError("no query position follows the safety prefix in inputs; append answer tokens after it")
+        raise ValueError("no query position is calibrated: no row of inputs holds the safety prefix")
     first = min(baseline.count)
-    tensors = _prefix_tensors(prefix)
-    per_row = tuple(int(n) for n in tensors[1].sum(dim=1)) if tensors is not None else ()
+    tensors = prefix_tensors(prefix)
+    per_row = tuple(int(n) for n in tensors.valid.sum(dim=1)) if tensors is not None else ()
     layers = tuple(
         LayerPrefixAttention(layer=i, baseline=base[i], calibrated=cal[i], gamma=calibrated_mass.gamma[i])
         for i in sorted(base)
     )
-    return PrefixAttentionProfile(layers=layers, num_queries=baseline.count[first], num_prefix_tokens=per_row)
+    return PrefixAttentionProfile(layers=layers, num_queries=baseline.queries[first], num_prefix_tokens=per_row)

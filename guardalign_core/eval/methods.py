@@ -40,6 +40,8 @@ from .items import EvalItem, ResponseRecord
 if TYPE_CHECKING:
     from PIL import Image
 
+    from ..calibration import CalibrationConfig
+
     from ..lvlm import GenerationOptions, LocalLVLM
 
 logger = logging.getLogger(__name__)
@@ -300,6 +302,7 @@ class LocalTarget:
 
     Args:
         lvlm: the runner (loaded once and shared by all methods).
+        calibration: strength and layers for the calibrating methods (default: the library's).
         generate_kwargs: extra ``model.generate`` keywords for every call.
         suppress_special_tokens: suppress the tokenizer's special tokens (random-weight test models).
         refusal: the text recorded when a ``block`` method refuses a request.
@@ -311,10 +314,11 @@ class LocalTarget:
     kind = "local"
 
     def __init__(
-        self, lvlm: "LocalLVLM", *, generate_kwargs: dict[str, Any] | None = None, suppress_special_tokens: bool = False,
-        refusal: str = DEFAULT_REFUSAL,
+        self, lvlm: "LocalLVLM", *, calibration: "CalibrationConfig | None" = None, generate_kwargs: dict[str, Any] | None = None,
+        suppress_special_tokens: bool = False, refusal: str = DEFAULT_REFUSAL,
     ) -> None:
         self.lvlm = lvlm
+        self.calibration = calibration or lvlm.default_calibration()
         self.generate_kwargs = dict(generate_kwargs or {})
         self.suppress_special_tokens = suppress_special_tokens
         self.refusal = refusal
@@ -348,7 +352,7 @@ class LocalTarget:
     def settings(self) -> dict[str, Any]:
         """Calibration, dtype, device, extra generate keywords, special-token suppression and refusal text."""
         return {
-            "calibration": self.lvlm.calibration.model_dump(mode="json"),
+            "calibration": self.calibration.model_dump(mode="json"),
             "dtype": str(self.lvlm.dtype),
             "device": str(self.lvlm.device),
             "generate_kwargs": _json_safe(self.generate_kwargs),
@@ -367,7 +371,7 @@ class LocalTarget:
         from ..pipeline import CheckedRequest, GuardAlignPipeline
 
         config = method_guard_config(method, guard)
-        calibration = self.lvlm.calibration.model_copy(update={"enabled": method.calibrate})
+        calibration = self.calibration.model_copy(update={"enabled": method.calibrate})
         image_guard = self._guards.get(method, guard)
         extra = self._extra()
         t0 = time.perf_counter()

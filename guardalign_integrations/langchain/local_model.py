@@ -23,10 +23,11 @@ from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
-from guardalign_core.calibration import CalibrationConfig
+from guardalign_core.calibration import CalibrationConfig, calibration_with
 from guardalign_core.config import PrefixConfig
-from guardalign_core.lvlm import GenerationOptions, get_local_lvlm
+from guardalign_core.lvlm import GenerationOptions
 from guardalign_core.pipeline import GuardAlignPipeline, GuardRecord, to_checked_request
+from guardalign_core.runners import get_local_lvlm
 
 from ._messages import hf_turns, refusal_message
 from .chat_models import with_guard_field
@@ -54,7 +55,9 @@ class ChatGuardAlign(BaseChatModel):
             folder, loaded with ``AutoModelForImageTextToText``/``AutoProcessor``.
         guard: a :class:`GuardAlignGuard`, or what builds one (a preset name, a config file,
             a ``GuardConfig``); ``action``/``fail_open`` are shortcuts for its policy.
-        calibration: attention-calibration strength and layers (default: the paper's middle layers).
+        calibration: attention-calibration strength and layers (default: the paper's middle layers);
+            ``gamma``/``layers`` are shortcuts for its fields (a shortcut that disagrees with a
+            value given in ``calibration`` is a ``ValueError``).
         prefix: the safety prefix and its policy (default: always, as the start of the answer).
         device, dtype, trust_remote_code: how the model is loaded.
         max_tokens, temperature, top_p, stop, seed: decoding settings (``temperature=0``: greedy).
@@ -136,13 +139,19 @@ class ChatGuardAlign(BaseChatModel):
     @model_validator(mode="before")
     @classmethod
     def _coerce(cls, values: Any) -> Any:
-        return with_guard_field(values) if isinstance(values, dict) else values
+        if not isinstance(values, dict):
+            return values
+        if "gamma" in values or "layers" in values:
+            values = dict(values)
+            gamma, layers = values.pop("gamma", None), values.pop("layers", None)
+            values["calibration"] = calibration_with(values.get("calibration"), gamma=gamma, layers=layers)
+        return with_guard_field(values)
 
     @classmethod
     def from_pipeline(cls, pipeline: GuardAlignPipeline, **kwargs: Any) -> ChatGuardAlign:
         """A chat model over an existing pipeline (its runner and prefix; the guard is this model's)."""
         kwargs.setdefault("prefix", pipeline.prefix)
-        kwargs.setdefault("calibration", pipeline.lvlm.calibration)
+        kwargs.setdefault("calibration", pipeline.calibration)
         chat = cls(model=pipeline.lvlm.model_id, device=pipeline.lvlm.device, dtype=pipeline.lvlm.dtype, **kwargs)
         chat._pipeline = pipeline
         return chat
@@ -175,7 +184,7 @@ class ChatGuardAlign(BaseChatModel):
     # -- the pipeline (lazy) -----------------------------------------------------------------
     def _runner(self, model: str | None = None) -> Any:
         return get_local_lvlm(
-            model or self.model, device=self.device, dtype=self.dtype, calibration=self.calibration,
+            model or self.model, device=self.device, dtype=self.dtype, backend=self.calibration.backend,
             trust_remote_code=self.trust_remote_code, max_concurrent=self.max_concurrent_generations,
         )
 
@@ -192,7 +201,9 @@ class ChatGuardAlign(BaseChatModel):
         """
         if self._pipeline is not None and (model is None or model == self.model):
             return self._pipeline
-        return GuardAlignPipeline(self._runner(model), self.guard.engine, prefix=self.prefix, refusal=self.refusal)
+        return GuardAlignPipeline(
+            self._runner(model), self.guard.engine, prefix=self.prefix, calibration=self.calibration, refusal=self.refusal
+        )
 
     @property
     def is_loaded(self) -> bool:

@@ -33,11 +33,12 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM
 
-from guardalign_core.calibration import CalibrationConfig
+from guardalign_core.calibration import CalibrationConfig, calibration_with
 from guardalign_core.config import PrefixConfig
 from guardalign_core.guard import ImageGuard
-from guardalign_core.lvlm import GenerationOptions, LocalLVLM, get_local_lvlm
+from guardalign_core.lvlm import GenerationOptions, LocalLVLM
 from guardalign_core.pipeline import CheckedRequest, GuardAlignPipeline, GuardRecord, to_checked_request
+from guardalign_core.runners import get_local_lvlm
 
 from ._messages import DEFAULT_REFUSAL, hf_turns
 from ._endpoints import METADATA_KEY, GuardedEndpoints, GuardedRequest, GuardSpec, build_guard
@@ -58,7 +59,9 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
         model: a Hugging Face hub id (``"llava-hf/llava-1.5-7b-hf"``) or a local folder.
         config: the guard's preset name, config file or ``GuardConfig``; or share an
             :class:`ImageGuard` with ``guard=``. ``action``/``fail_open`` are policy shortcuts.
-        calibration: attention-calibration strength and layers (default: the paper's middle layers).
+        calibration: attention-calibration strength and layers (default: the paper's middle layers);
+            ``gamma``/``layers`` are shortcuts for its fields, as ``action``/``fail_open`` are for
+            the guard's policy (a shortcut that disagrees with ``calibration`` is a ``ValueError``).
         prefix: the safety prefix and its policy (default ``None``: the guard config's prefix
             text and placement, on every request, as the start of the answer by default).
         **kwargs: the fields below (``device``, ``max_new_tokens``, ``temperature``, ...).
@@ -128,12 +131,16 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
         guard: GuardSpec = None,
         action: Literal["mask", "block", "flag"] | None = None,
         fail_open: bool | None = None,
+        gamma: float | None = None,
+        layers: list[int] | tuple[float, float] | None = None,
         **kwargs: Any,
     ) -> None:
         if "refusal_text" in kwargs:
             warnings.warn("refusal_text is renamed refusal (as in the LangChain adapters)", DeprecationWarning, stacklevel=2)
             kwargs["refusal"] = kwargs.pop("refusal_text")
         built = build_guard(config, guard=guard, action=action, fail_open=fail_open)  # fails here, not at the first image
+        if gamma is not None or layers is not None:
+            kwargs["calibration"] = calibration_with(kwargs.get("calibration"), gamma=gamma, layers=layers)
         super().__init__(model=str(model), **kwargs)
         self._guard = built
 
@@ -151,7 +158,7 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
     def lvlm(self) -> LocalLVLM:
         """The process-wide runner for this checkpoint (shared by every adapter on it; loads lazily)."""
         return get_local_lvlm(
-            self.model, device=self.device, dtype=self.dtype, calibration=self.calibration,
+            self.model, device=self.device, dtype=self.dtype, backend=self.calibration.backend,
             trust_remote_code=self.trust_remote_code, max_concurrent=self.max_concurrent_generations,
         )
 
@@ -162,7 +169,7 @@ class GuardAlignLocalLLM(GuardedEndpoints, LLM):
         Nothing is cached on the adapter, so ``model_copy(update=...)`` and ``copy.deepcopy``
         give adapters that use their own settings; the weights stay shared.
         """
-        return GuardAlignPipeline(self.lvlm, self._guard, prefix=self.prefix, refusal=self.refusal)
+        return GuardAlignPipeline(self.lvlm, self._guard, prefix=self.prefix, calibration=self.calibration, refusal=self.refusal)
 
     @property
     def is_loaded(self) -> bool:

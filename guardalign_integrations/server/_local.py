@@ -24,8 +24,9 @@ from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from guardalign_core.errors import ImageError
-from guardalign_core.lvlm import GenerationOptions, get_local_lvlm
+from guardalign_core.lvlm import GenerationOptions
 from guardalign_core.pipeline import CheckedRequest, GuardAlignPipeline
+from guardalign_core.runners import get_local_lvlm
 
 from . import _chat_format
 from ._errors import ServerError

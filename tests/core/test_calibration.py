@@ -16,7 +16,7 @@ from guardalign_core.calibration import (
     CalibrationConfig,
     apply_calibration,
     calibrated,
-    calibration_context,
+    calibrated_layers,
     find_prefix_spans,
     get_calibration,
     prefix_attention_profile,
@@ -30,6 +30,8 @@ from guardalign_core.testing.tiny_lvlm import build_tiny_lvlm, tiny_image
 PREFIX = "As an AI assistant,"
 ANSWER = " I will describe the image."
 GAMMA = 1.0  # tiny random models have small scores; real-model defaults are far smaller
+STRONG = CalibrationConfig(gamma=GAMMA)
+STRONG_EAGER = CalibrationConfig(gamma=GAMMA, backend="eager")
 DEVICES = [
     "cpu",
     pytest.param(
@@ -157,7 +159,7 @@ def test_installed_but_inactive_calibration_is_bit_identical(backend: str) -> No
     inputs = _inputs(processor, [_prompt(processor)])
     spans = _spans(processor, inputs)
     expected = _logits(reference, inputs)
-    apply_calibration(model, CalibrationConfig(gamma=GAMMA, backend=backend))
+    apply_calibration(model, backend)
     assert model.config.text_config._attn_implementation == {"sdpa": SDPA_KEY, "eager": EAGER_KEY}[backend]
     assert model.config.vision_config._attn_implementation == backend  # vision tower untouched
     assert torch.equal(_logits(model, inputs), expected)  # no context
@@ -167,7 +169,7 @@ def test_installed_but_inactive_calibration_is_bit_identical(backend: str) -> No
         assert torch.equal(_logits(model, inputs), expected)
     with calibrated(model, spans, CalibrationConfig(gamma=GAMMA, backend=backend, enabled=False)):
         assert torch.equal(_logits(model, inputs), expected)
-    with calibrated(model, spans):
+    with calibrated(model, spans, CalibrationConfig(gamma=GAMMA, backend=backend)):
         changed = _logits(model, inputs)
     assert not torch.allclose(changed, expected, atol=1e-3)
 
@@ -177,8 +179,8 @@ def test_remove_calibration_restores_untouched_outputs(backend: str) -> None:
     reference, processor = build_tiny_lvlm("llava", seed=0, attn_implementation=backend)
     model, _ = build_tiny_lvlm("llava", seed=0, attn_implementation=backend)
     inputs = _inputs(processor, [_prompt(processor, tail=PREFIX)])
-    apply_calibration(model, CalibrationConfig(gamma=GAMMA))
-    with calibrated(model, _spans(processor, inputs)):
+    apply_calibration(model, backend)
+    with calibrated(model, _spans(processor, inputs), CalibrationConfig(gamma=GAMMA, backend=backend)):
         _generate(model, processor, inputs)
     assert remove_calibration(model) is True
     assert remove_calibration(model) is False
@@ -198,7 +200,7 @@ def test_sdpa_and_eager_calibrations_agree(llava, device: str) -> None:
     results = {}
     for backend in ("sdpa", "eager"):
         config = CalibrationConfig(gamma=GAMMA, backend=backend)
-        apply_calibration(model, config)
+        apply_calibration(model, backend)
         with calibrated(model, spans, config):
             results[backend] = _logits(model, inputs)
         remove_calibration(model)
@@ -213,8 +215,8 @@ def test_eager_scores_match_eq13_computed_by_hand(llava) -> None:
     inputs = _inputs(processor, [_prompt(processor)])
     (start, end), = _spans(processor, inputs)
     calls: list[AttentionCall] = []
-    apply_calibration(model, CalibrationConfig(gamma=GAMMA, backend="eager"))
-    with calibrated(model, [(start, end)], observer=calls.append), torch.no_grad():
+    apply_calibration(model, "eager")
+    with calibrated(model, [(start, end)], STRONG_EAGER, observer=calls.append), torch.no_grad():
         model(**inputs)
     call = next(c for c in calls if c.layer_idx == 1)
     assert call.gamma == GAMMA
@@ -223,7 +225,8 @@ def test_eager_scores_match_eq13_computed_by_hand(llava) -> None:
     raw = query @ key.transpose(-1, -2)  # <Q_i, K_j>
     z = raw * query.shape[-1] ** -0.5  # Z = QK^T / sqrt(d_k)
     m = torch.zeros_like(raw)
-    m[..., end:, start:end] = raw[..., end:, start:end].clamp(min=0)  # queries after, keys inside the prefix
+    # calibrated queries: the last prefix token (it produces the first token after the prefix) and later
+    m[..., end - 1 :, start:end] = raw[..., end - 1 :, start:end].clamp(min=0)
     z_hat = z + GAMMA * m * z  # Eq. 13
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     expected = torch.softmax(z_hat.masked_fill(~causal, float("-inf")), dim=-1)
@@ -237,12 +240,12 @@ def test_prefix_attention_rises_in_calibrated_layers_only(llava) -> None:
     inputs = _inputs(processor, [_prompt(processor)])
     (start, end), = _spans(processor, inputs)
     config = CalibrationConfig(gamma=GAMMA, layers=[2], backend="eager")
-    apply_calibration(model, config)
+    apply_calibration(model, "eager")
 
     def prefix_mass(prefix) -> list[float]:
-        with calibrated(model, prefix), torch.no_grad():
+        with calibrated(model, prefix, config), torch.no_grad():
             attentions = model(**inputs, output_attentions=True).attentions  # per layer (1, heads, n, n)
-        return [a[..., end:, start:end].sum(-1).mean().item() for a in attentions]
+        return [a[..., end - 1 :, start:end].sum(-1).mean().item() for a in attentions]
 
     before, after = prefix_mass(None), prefix_mass([(start, end)])
     assert len(before) == 4
@@ -264,12 +267,16 @@ def test_profile_installs_temporarily_and_restores_backend(llava) -> None:
     assert [r.layer for r in profile.layers] == [0, 1, 2, 3]
     assert all(r.delta > 0 for r in profile.layers if r.gamma)
     assert get_calibration(model) is None and model.config.text_config._attn_implementation == "sdpa"
-    handle = apply_calibration(model, CalibrationConfig(gamma=GAMMA))
+    handle = apply_calibration(model)
     prefix_attention_profile(model, inputs, spans)
     assert get_calibration(model) is handle and model.config.text_config._attn_implementation == SDPA_KEY
+    # a prompt that ends with the prefix still has one calibrated query per row: the one that
+    # produces the first answer token (the last prefix token)
+    no_answer = _inputs(processor, [_prompt(processor, tail=PREFIX)])
+    first_step = prefix_attention_profile(model, no_answer, _spans(processor, no_answer), CalibrationConfig(gamma=GAMMA))
+    assert first_step.num_queries == 1 and any(r.delta > 0 for r in first_step.layers if r.gamma)
     with pytest.raises(ValueError, match="no query"):
-        no_answer = _inputs(processor, [_prompt(processor, tail=PREFIX)])
-        prefix_attention_profile(model, no_answer, _spans(processor, no_answer))
+        prefix_attention_profile(model, no_answer, [None])
 
 
 # --------------------------------------------------------------------------- decoding
@@ -281,29 +288,29 @@ def test_calibrated_generation_is_the_same_with_and_without_cache(llava, device:
     model.to(device)
     inputs = _inputs(processor, [_prompt(processor, tail=PREFIX)]).to(device)  # prefix ends the prompt (ETA)
     spans = _spans(processor, inputs)
-    apply_calibration(model, CalibrationConfig(gamma=GAMMA))
+    apply_calibration(model)
     calls: list[AttentionCall] = []
-    with calibrated(model, spans, observer=calls.append):
+    with calibrated(model, spans, STRONG, observer=calls.append):
         cached = _generate(model, processor, inputs, use_cache=True)
-    with calibrated(model, spans):
+    with calibrated(model, spans, STRONG):
         uncached = _generate(model, processor, inputs, use_cache=False)
-    with calibrated(model, spans):
+    with calibrated(model, spans, STRONG):
         static = _generate(model, processor, inputs, cache_implementation="static")
     assert torch.equal(cached, uncached) and torch.equal(cached, static)
     assert not torch.equal(cached, _generate(model, processor, inputs))
     # decoding steps: one query, after the prefix, biased on the cached prefix keys only
     step = next(c for c in calls if c.query.shape[2] == 1 and c.gamma > 0)
-    assert bool(step.after_prefix.all())
+    assert bool(step.calibrated_queries.all())
     start, end = spans[0]
-    bias_cols = (step.attention_mask[0, 0, 0] != 0).nonzero().flatten().tolist()
+    bias_cols = (step.attention_mask[0, :, 0] != 0).any(dim=0).nonzero().flatten().tolist()  # over heads
     assert set(bias_cols) <= set(range(start, end)) and bias_cols
 
 
 def test_beam_search_repeats_the_prefix_rows(llava) -> None:
     model, processor = llava
     inputs = _inputs(processor, [_prompt(processor, tail=PREFIX)])
-    apply_calibration(model, CalibrationConfig(gamma=GAMMA))
-    with calibrated(model, _spans(processor, inputs)):
+    apply_calibration(model)
+    with calibrated(model, _spans(processor, inputs), STRONG):
         out = _generate(model, processor, inputs, num_beams=2, num_return_sequences=2, max_new_tokens=4)
     assert out.shape[0] == 2
 
@@ -314,18 +321,18 @@ def test_left_padded_batch_matches_single_rows(llava) -> None:
     tails = [PREFIX + ANSWER, PREFIX + " I cannot help."]
     prompts = [_prompt(processor, "Describe the image.", tail=tails[0]),
                _prompt(processor, "What is shown in this picture? Describe it.", tail=tails[1])]
-    apply_calibration(model, CalibrationConfig(gamma=GAMMA))
+    apply_calibration(model)
     batch = _inputs(processor, prompts, seeds=[0, 1])
     assert batch["attention_mask"][0, 0] == 0  # the shorter row is left padded
     spans = _spans(processor, batch)
     assert spans[0] != spans[1]
-    with calibrated(model, spans):
+    with calibrated(model, spans, STRONG):
         batch_logits = _logits(model, batch)
         batch_tokens = _generate(model, processor, batch)
     assert not torch.allclose(batch_logits, _logits(model, batch), atol=1e-3)
     for row, prompt in enumerate(prompts):
         single = _inputs(processor, [prompt], seeds=[row])
-        with calibrated(model, _spans(processor, single)):
+        with calibrated(model, _spans(processor, single), STRONG):
             logits = _logits(model, single)
             tokens = _generate(model, processor, single)
         n = logits.shape[1]
@@ -342,9 +349,9 @@ def test_rows_without_prefix_are_not_calibrated(llava) -> None:
     spans = find_prefix_spans(batch["input_ids"], _prefix_ids(processor), batch["attention_mask"], missing="ignore")
     assert spans[0] is not None and spans[1] is None
     config = CalibrationConfig(gamma=GAMMA, backend="eager")
-    apply_calibration(model, config)
+    apply_calibration(model, "eager")
     plain = _logits(model, batch)
-    with calibrated(model, spans):
+    with calibrated(model, spans, config):
         mixed = _logits(model, batch)
     assert torch.allclose(mixed[1], plain[1], atol=1e-6)  # the row without a prefix is untouched
     assert not torch.allclose(mixed[0], plain[0], atol=1e-3)
@@ -363,12 +370,12 @@ def test_concurrent_threads_see_only_their_own_settings(llava) -> None:
     model, processor = llava
     inputs = _inputs(processor, [_prompt(processor, tail=PREFIX)])
     spans = _spans(processor, inputs)
-    apply_calibration(model, CalibrationConfig(gamma=GAMMA))
+    apply_calibration(model)
 
     def run(calibrate: bool) -> torch.Tensor:
         if not calibrate:
             return _generate(model, processor, inputs)
-        with calibrated(model, spans):
+        with calibrated(model, spans, STRONG):
             return _generate(model, processor, inputs)
 
     expected = {True: run(True), False: run(False)}
@@ -398,9 +405,9 @@ def test_context_is_local_to_the_thread_unless_copied(llava) -> None:
     model, processor = llava
     inputs = _inputs(processor, [_prompt(processor)])
     spans = _spans(processor, inputs)
-    apply_calibration(model, CalibrationConfig(gamma=GAMMA))
+    apply_calibration(model)
     plain = _logits(model, inputs)
-    with calibration_context(model, spans):
+    with calibrated(model, spans, STRONG):
         here = _logits(model, inputs)
         box: dict[str, torch.Tensor] = {}
         worker = threading.Thread(target=lambda: box.update(plain=_logits(model, inputs)))
@@ -442,13 +449,17 @@ def test_unsupported_models_raise_before_anything_changes(llava) -> None:
 
 def test_bad_layers_and_misuse_raise_before_anything_changes(llava) -> None:
     model, processor = llava
-    with pytest.raises(ValueError, match="out of range"):
-        apply_calibration(model, CalibrationConfig(layers=[9]))
-    assert get_calibration(model) is None and model.config.text_config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="apply_calibration"):
         calibrated(model, [(0, 1)])
+    with pytest.raises(TypeError, match="per call"):
+        apply_calibration(model, CalibrationConfig(gamma=0.5))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backend"):
+        apply_calibration(model, "flash")
+    assert get_calibration(model) is None and model.config.text_config._attn_implementation == "sdpa"
     handle = apply_calibration(model)
-    assert apply_calibration(model, CalibrationConfig(gamma=0.5)) is handle and handle.config.gamma == 0.5
+    assert apply_calibration(model, "sdpa") is handle and not hasattr(handle, "config")
+    with pytest.raises(ValueError, match="out of range"):
+        calibrated(model, [(0, 1)], CalibrationConfig(layers=[9]))
     with pytest.raises(ValueError, match="backend"):
         with calibrated(model, [(0, 1)], CalibrationConfig(backend="eager")):
             pass
@@ -463,9 +474,25 @@ def test_bad_layers_and_misuse_raise_before_anything_changes(llava) -> None:
 
 def test_mllama_calibrates_self_attention_layers_only() -> None:
     model, processor = build_tiny_lvlm("mllama")
-    handle = apply_calibration(model, CalibrationConfig(gamma=GAMMA))
+    handle = apply_calibration(model)
     assert handle.attention_layers == [0, 1, 3]  # layer 2 is a cross-attention layer
-    assert handle.layer_gammas() == {1: GAMMA}
+    assert calibrated_layers(model, STRONG) == {1: GAMMA}
     with pytest.raises(ValueError, match="cross-attention"):
-        apply_calibration(model, CalibrationConfig(layers=[2]))
-    assert handle.layer_gammas() == {1: GAMMA}  # the failed call changed nothing
+        calibrated(model, [(0, 1)], CalibrationConfig(layers=[2]))
+    with calibrated(model, [(0, 1)], STRONG) as layers:
+        assert layers == {1: GAMMA}
+
+
+def test_adapter_shortcuts_build_the_config_and_refuse_disagreement() -> None:
+    from guardalign_core.calibration import calibration_with
+
+    assert calibration_with(gamma=0.02, layers=[2, 1]) == CalibrationConfig(gamma=0.02, layers=[1, 2])
+    assert calibration_with(CalibrationConfig(backend="eager"), gamma=0.3) == CalibrationConfig(gamma=0.3, backend="eager")
+    assert calibration_with(CalibrationConfig(gamma=0.5), gamma=0.5).gamma == 0.5  # agreeing is fine
+    assert calibration_with({"layers": (0.0, 0.5)}, gamma=0.2).layers == (0.0, 0.5)
+    with pytest.raises(ValueError, match="gamma=0.2 disagrees with calibration.gamma=0.5"):
+        calibration_with(CalibrationConfig(gamma=0.5), gamma=0.2)
+    with pytest.raises(ValueError, match="layers"):
+        calibration_with({"layers": [1]}, layers=[2])
+    with pytest.raises(ValueError, match="gamma"):
+        calibration_with(gamma=-1.0)

@@ -34,7 +34,8 @@ def test_every_family_generates_and_streams_with_a_real_image(family, guard_conf
     assert result.text.startswith("As an AI assistant, ")
     assert record.decision == "mask" and record.images[0]["unsafe_patches"] == 9  # τ above every score: all masked
     assert record.prefix_used and record.prefix_spans and record.prefix_spans[0][1] <= record.input_tokens
-    assert record.calibration["layers"] == [1, 2] and record.output_tokens == 6
+    # the middle half [1, 3); Mllama's layer 2 is cross-attention, never calibrated, so not listed
+    assert record.calibration["layers"] == ([1] if family == "mllama" else [1, 2]) and record.output_tokens == 6
     stream = pipe.stream(messages, max_new_tokens=6, **special)
     deltas = list(stream)
     assert len(deltas) >= 2 and deltas[0] == "As an AI assistant, "
@@ -102,9 +103,9 @@ def test_calibration_changes_the_output_distribution_only_when_on(guard_config):
         with calibrated(model, prepared.prefix_spans, CalibrationConfig(gamma=0.5)):
             strong = model(**prepared.inputs).logits
     assert torch.equal(plain, zero)
-    end = prepared.prefix_spans[0][1]
-    assert torch.equal(plain[:, :end], strong[:, :end])  # queries up to the prefix are untouched
-    assert not torch.allclose(plain[:, end:], strong[:, end:])
+    last = prepared.prefix_spans[0][1] - 1  # the last prefix token is the first calibrated query
+    assert torch.equal(plain[:, :last], strong[:, :last])  # queries before it are untouched
+    assert not torch.allclose(plain[:, last:], strong[:, last:])
 
 
 def test_checkpoint_on_disk_loads_lazily_through_auto_classes(tmp_path, guard_config):

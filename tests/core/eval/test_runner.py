@@ -398,16 +398,14 @@ def test_rejudging_with_another_constant_judge_changes_usr(full_run, tmp_path):
 
 
 def test_resume_refuses_changed_model_settings(full_run, lvlm, guard, benchmarks, tmp_path):
-    import copy
-
     run, _ = full_run
     out = _copy_run(run, tmp_path)
     info = json.loads((out / "run.json").read_text())
-    assert info["target_settings"]["calibration"]["gamma"] == lvlm.calibration.gamma
+    default = LocalTarget(lvlm).calibration
+    assert info["target_settings"]["calibration"]["gamma"] == default.gamma
     assert info["target_settings"]["suppress_special_tokens"] is True
-    other = copy.copy(lvlm)
-    other.calibration = lvlm.calibration.model_copy(update={"gamma": lvlm.calibration.gamma + 0.5})
-    target = CountingTarget(LocalTarget(other, suppress_special_tokens=True))
+    other = default.model_copy(update={"gamma": default.gamma + 0.5})
+    target = CountingTarget(LocalTarget(lvlm, calibration=other, suppress_special_tokens=True))
     with pytest.raises(ValueError, match=r"model settings differ \(calibration\)"):
         run_eval(target, benchmarks, ALL, ["refusal"], out_dir=out, guard=guard, options=OPTIONS, limit=3, progress=False)
     assert target.generated == []

@@ -27,7 +27,8 @@ from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
 
 from guardalign_core.detector import create_detector  # noqa: E402
 from guardalign_core.errors import GuardAlignViolation  # noqa: E402
-from guardalign_core.lvlm import LocalLVLM, get_local_lvlm  # noqa: E402
+from guardalign_core.lvlm import LocalLVLM  # noqa: E402
+from guardalign_core.runners import get_local_lvlm  # noqa: E402
 from guardalign_core.testing.tiny_lvlm import save_tiny_lvlm  # noqa: E402
 from guardalign_integrations.langchain import ChatGuardAlign, GuardAlignGuard  # noqa: E402
 
@@ -107,7 +108,23 @@ def test_the_model_sees_the_detectors_masked_image(
     expected = create_detector(chat.guard.config).scan([str(image_paths[1])])[0].masked_image
     assert len(images) == 1 and np.array_equal(np.asarray(images[0]), np.asarray(expected))
     assert messages[-1]["content"] == [{"type": "text", "text": "What is shown?"}, {"type": "image"}]
-    assert lvlm is get_local_lvlm(chat.model, calibration=chat.calibration)  # one runner per checkpoint
+    assert lvlm is get_local_lvlm(chat.model, backend=chat.calibration.backend)  # one runner per checkpoint
+
+
+def test_gamma_and_layers_shortcuts_per_adapter_on_one_shared_model(
+    make_chat: Callable[..., ChatGuardAlign], image_paths: list[Path]
+) -> None:
+    from guardalign_core.calibration import CalibrationConfig
+
+    weak, strong = make_chat(gamma=0.25, layers=[2]), make_chat(gamma=2.0)
+    assert weak.calibration == CalibrationConfig(gamma=0.25, layers=[2]) and strong.calibration.gamma == 2.0
+    assert weak.pipeline.lvlm is strong.pipeline.lvlm  # one shared runner and model object
+    records = [chat.invoke([_image_message(image_paths[0])]).response_metadata["guardalign_generation"]["calibration"]
+               for chat in (weak, strong, weak)]  # the first caller's strength does not stick to the runner
+    assert [(r["gamma"], r["layers"]) for r in records] == [(0.25, [2]), (2.0, [1, 2]), (0.25, [2])]
+    assert make_chat(gamma=0.5, calibration=CalibrationConfig(gamma=0.5)).calibration.gamma == 0.5  # agreeing is fine
+    with pytest.raises(ValueError, match="layers=\\[1\\] disagrees"):
+        make_chat(layers=[1], calibration=CalibrationConfig(layers=[2]))
 
 
 def test_stream_yields_tokens_as_they_are_decoded(

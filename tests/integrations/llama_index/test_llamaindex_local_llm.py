@@ -85,6 +85,18 @@ def test_from_hf_builds_lazily(make_llm: Callable[..., GuardAlignLocalLLM], tiny
     assert llm.metadata.is_chat_model and llm.metadata.num_output == 6
 
 
+def test_from_hf_gamma_shortcut_is_the_calls_calibration(make_llm: Callable[..., GuardAlignLocalLLM], benign_path: Path) -> None:
+    from guardalign_core.calibration import CalibrationConfig
+
+    weak, strong = make_llm(gamma=0.25, layers=[2]), make_llm(gamma=2.0)
+    assert weak.calibration == CalibrationConfig(gamma=0.25, layers=[2]) and strong.calibration.gamma == 2.0
+    assert weak.lvlm is strong.lvlm  # one shared runner; each adapter passes its own strength per call
+    records = [llm.chat([_image_message(benign_path)]).raw["guardalign_generation"]["calibration"] for llm in (weak, strong, weak)]
+    assert [(r["gamma"], r["layers"]) for r in records] == [(0.25, [2]), (2.0, [1, 2]), (0.25, [2])]
+    with pytest.raises(ValueError, match="gamma=0.5 disagrees"):
+        make_llm(gamma=0.5, calibration=CalibrationConfig(gamma=0.1))
+
+
 def test_is_loaded_reflects_the_shared_weights(make_llm: Callable[..., GuardAlignLocalLLM]) -> None:
     make_llm().complete("warm up")
     assert make_llm().is_loaded  # another adapter loaded this checkpoint: its weights are in memory

@@ -1,0 +1,75 @@
+"""Calibrated decoding: the per-forward mask buffer against the per-layer rebuild, side by side.
+
+Runs ``guardalign_core.bench.bench_calibration`` (off / SDPA / eager, decode tokens/s) on the
+bench LVLM twice per round in one process: with the library's attention-interface function as
+it is, and with its per-layer mask builder swapped for the one it replaced (kept below
+verbatim). Rounds alternate the order so that load drifts hit both alike.
+
+    PYTHONPATH=. python benchmarks/calibration_bias.py [--rounds 2] [--layers 8] [--hidden 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from guardalign_core.bench import bench_calibration
+from guardalign_core.calibration import _interface
+from guardalign_core.calibration.bias import raw_prefix_scores
+from guardalign_core.testing.tiny_lvlm import build_bench_lvlm
+
+
+def legacy_biased_mask(query, key, attention_mask, geo, gamma, scaling):
+    """The per-layer rebuild: gather the prefix keys, copy the whole base mask, scatter the bias."""
+    if gamma == 0 or not geo.any_query:
+        return attention_mask
+    batch, heads, q_len, _ = query.shape
+    kv_heads, kv_len, head_dim = key.shape[1], key.shape[2], key.shape[3]
+    num_prefix = geo.index.shape[1]
+    gather_kv = geo.index[:, None, :, None].expand(batch, kv_heads, num_prefix, head_dim)
+    prefix_keys = key.gather(2, gather_kv)
+    raw = raw_prefix_scores(query, prefix_keys)
+    bias = torch.relu(raw).mul_(raw).mul_(geo.coefficient(gamma * scaling))
+    mask = geo.base.expand(batch, heads, q_len, kv_len).contiguous()
+    mask.scatter_add_(-1, geo.index[:, None, None, :].expand(batch, heads, q_len, num_prefix), bias.to(mask.dtype))
+    return mask
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    model, processor = build_bench_lvlm(num_layers=args.layers, hidden=args.hidden)
+    current = _interface.biased_mask
+    runs: dict[str, list[dict]] = {"buffer": [], "per_layer": []}
+    for round_ in range(args.rounds):
+        order = ("buffer", "per_layer") if round_ % 2 == 0 else ("per_layer", "buffer")
+        for name in order:
+            _interface.biased_mask = current if name == "buffer" else legacy_biased_mask
+            try:
+                runs[name].append(bench_calibration(model, processor, new_tokens=args.new_tokens))
+            finally:
+                _interface.biased_mask = current
+    summary = {}
+    for name, reports in runs.items():
+        summary[name] = {
+            "off_tokens_per_s": max(r["off"]["decode_tokens_per_s"] for r in reports),
+            "sdpa_tokens_per_s": max(r["sdpa"]["decode_tokens_per_s"] for r in reports),
+            "eager_tokens_per_s": max(r["eager"]["decode_tokens_per_s"] for r in reports),
+            "sdpa_prefill_ms": min(r["sdpa"]["prefill_ms"] for r in reports),
+            "sdpa_decode_vs_off": [r["ratios"]["sdpa_decode_vs_off"] for r in reports],
+        }
+    summary["sdpa_buffer_vs_per_layer"] = round(summary["buffer"]["sdpa_tokens_per_s"] / summary["per_layer"]["sdpa_tokens_per_s"], 4)
+    summary["machine"] = runs["buffer"][0]["machine"]
+    summary["model"] = runs["buffer"][0]["model"]
+    summary["input_tokens"] = runs["buffer"][0]["sdpa"]["input_tokens"]
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

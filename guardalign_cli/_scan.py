@@ -10,10 +10,16 @@ from typing import Any
 
 from guardalign_core.config import GuardConfig, PolicyConfig, save_config
 from guardalign_core.config import resolve_config
-from guardalign_core.detector import create_detector
 from guardalign_core.results import ScanResult, Status
 
 from ._options import DeprecatedAlias, check_checkpoint_file, check_device, refuse_overwrite
+
+
+def create_detector(*args: Any, **kwargs: Any):
+    """:func:`guardalign_core.detector.create_detector`, imported on first use: ``guardalign --help`` loads no torch."""
+    from guardalign_core.detector import create_detector as create
+
+    return create(*args, **kwargs)
 
 
 def add_detector_options(parser: argparse.ArgumentParser, *, lvlm: bool = False) -> None:

@@ -17,7 +17,6 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 from ..config import GuardConfig
-from ..guard import ImageGuard
 from ..images import load_image
 from ..results import Decision, Status
 from ..verdicts import DEFAULT_REFUSAL, RequestVerdict
@@ -26,6 +25,8 @@ from .methods import MethodSpec, method_guard_config
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from ..guard import ImageGuard
 
     from ..lvlm import GenerationOptions, LocalLVLM
 
@@ -112,7 +113,10 @@ class GuardCache:
     def __init__(self) -> None:
         self._guards: dict[tuple[str, str, str], ImageGuard] = {}
 
-    def get(self, method: MethodSpec, base: GuardConfig) -> ImageGuard | None:
+    def get(self, method: MethodSpec, base: GuardConfig) -> "ImageGuard | None":
+        """The shared guard of ``method`` on ``base`` (``None`` for a method without a detector)."""
+        from ..guard import ImageGuard  # torch loads with the first method that scans, not with the package
+
         if method.detector is None:
             return None
         key = (base.model_dump_json(), method.detector, method.action)

@@ -137,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.benchmark:
         raise ValueError("--benchmark is required (KIND:PATH; see guardalign eval --help)")
     from guardalign_core.eval.datasets import load_benchmark
+    from guardalign_core.eval.judging import resolve_judges
     from guardalign_core.eval.methods import parse_methods
     from guardalign_core.lvlm import GenerationOptions
 
@@ -147,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     benchmarks = [load_benchmark(spec, limit=args.limit, allow_download=args.allow_download, **readers) for spec in args.benchmark]
     guard = _guard(args)
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    resolve_judges(judges, [])  # a bad judge fails here, before the model is even looked for (run_eval builds them again)
     target = _chat_model_target(args.model_id, args) if args.model_id.startswith("langchain:") else _local_target(args)
     try:
         run = run_eval(

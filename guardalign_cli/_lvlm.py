@@ -15,15 +15,15 @@ def _pipeline(args: argparse.Namespace):
     from guardalign_core.config import PrefixConfig
     from guardalign_core.pipeline import GuardAlignPipeline
 
-    check_checkpoint_folder("--model", args.model_id)
     check_device("--device", args.lvlm_device)
+    config = config_from_args(args)  # checks --clip-device and --clip-pretrained
+    check_checkpoint_folder("--model", args.model_id)
     calibration = CalibrationConfig(
         gamma=args.gamma if args.gamma is not None else CalibrationConfig().gamma,
         layers=tuple(args.layers) if args.layers else None,
         backend=args.attention,
         enabled=not args.no_calibration,
     )
-    config = config_from_args(args)
     prefix = PrefixConfig(text=args.prefix, policy="never" if args.no_prefix else "always", placement=args.placement)
     return GuardAlignPipeline.from_pretrained(
         args.model_id, guard=config, calibration=calibration, prefix=prefix, device=args.lvlm_device, dtype=args.dtype

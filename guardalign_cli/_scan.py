@@ -55,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
     :class:`~._options.CommandLineError` naming the flag.
     """
     lvlm = hasattr(args, "model_id")  # the LVLM commands keep the language model in model_id
-    flags = ("--clip-device", "--clip-pretrained") if lvlm else ("--device", "--pretrained")
+    flags = ("--clip-device", "--clip-pretrained") if lvlm else ("--device/--clip-device", "--pretrained")
     check_device(flags[0], args.clip_device)
     check_checkpoint_file(flags[1], args.pretrained)
     config = resolve_config(args.guard)

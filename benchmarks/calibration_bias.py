@@ -18,7 +18,7 @@ import torch
 from guardalign_core.bench import bench_calibration
 from guardalign_core.calibration import _interface
 from guardalign_core.calibration.bias import raw_prefix_scores
-from guardalign_core.testing.tiny_lvlm import build_bench_lvlm
+from guardalign_core.bench_models import build_bench_lvlm
 
 
 def legacy_biased_mask(query, key, attention_mask, geo, gamma, scaling):

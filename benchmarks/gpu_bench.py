@@ -38,7 +38,8 @@ def main() -> int:
     if not args.skip_lvlm:
         from transformers import LlavaForConditionalGeneration
 
-        from guardalign_core.testing.tiny_lvlm import build_tiny_lvlm, llava_1_5_7b_config
+        from guardalign_core.bench_models import llava_1_5_7b_config
+        from guardalign_core.testing.tiny_lvlm import build_tiny_lvlm
 
         _, processor = build_tiny_lvlm("llava")
         with torch.device("cuda"):

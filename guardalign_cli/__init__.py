@@ -79,7 +79,11 @@ def _one_line(err: BaseException) -> str:
     if isinstance(err, ValidationError):
         return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else type(err).__name__
+    filename = getattr(err, "filename", None) if isinstance(err, OSError) else None
+    if filename is not None and str(filename) not in line:  # an I/O error always names its file
+        line = f"{filename}: {line}"
+    return line
 
 
 def main(argv: Sequence[str] | None = None) -> int:

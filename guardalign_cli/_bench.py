@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ._options import DeprecatedAlias, check_checkpoint_file, check_device
+
 
 def _default_images() -> list[str]:
     shared = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -17,6 +19,8 @@ def _default_images() -> list[str]:
 def run_bench(args: argparse.Namespace) -> int:
     if args.detection:
         return run_detection_bench(args)
+    check_device("--device", args.device)
+    check_checkpoint_file("--pretrained", args.pretrained)
     from guardalign_core.bench import bench_detector
     from guardalign_core.thresholds import list_images
 
@@ -68,9 +72,9 @@ def run_detection_bench(args: argparse.Namespace) -> int:
     from guardalign_core.config import resolve_config
     from guardalign_core.simulation import run_detection_benchmark, world_for
 
-    config = resolve_config(args.preset).detector
+    config = resolve_config(args.guard).detector
     if config.kind != "ot":
-        raise ValueError(f"--preset {args.preset}: the detection benchmark runs the OT decision rule; this preset is kind {config.kind!r}")
+        raise ValueError(f"--guard {args.guard}: the detection benchmark runs the OT decision rule; this preset is kind {config.kind!r}")
     overrides = {"rule": args.rule} if args.rule else {}
     if args.threshold is not None:
         overrides["threshold"] = args.threshold
@@ -120,7 +124,7 @@ def _run_encode_paths(args: argparse.Namespace, images: list, pretrained: str | 
 
 def _bench_calibration(args: argparse.Namespace) -> dict:
     from guardalign_core.bench import bench_calibration
-    from guardalign_core.testing.tiny_lvlm import build_bench_lvlm
+    from guardalign_core.bench_models import build_bench_lvlm
 
     return bench_calibration(*build_bench_lvlm(num_layers=8, hidden=512))
 
@@ -148,7 +152,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--images", nargs="+", metavar="PATH", help="images or folders (default: ../shared/data if present, else random images); with --detection: images per group (default 200)")
     bench.add_argument("--model", default="ViT-B-32", help="open_clip model config (default ViT-B-32)")
     bench.add_argument("--pretrained", default=None, help="weights tag/path; default random (speed does not depend on weights)")
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--device", "--clip-device", dest="device", default="cpu", help="CLIP's torch device (default cpu)")
     bench.add_argument("--dtype", default="float32", help="CLIP dtype for the detector bench (float32, bfloat16, float16, auto)")
     bench.add_argument("--backend", default="torch", help="image-tower backend for the detector bench (torch, openvino, auto)")
     bench.add_argument("--encode-paths", action="store_true", help="compare the encode stage on every execution path against fp32 eager, interleaved")
@@ -164,7 +168,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--extra", nargs="*", choices=sorted(_EXTRA), help="extra sections: calibration (LVLM decode speed, calibration off/SDPA/eager), langchain, llamaindex")
     detection = bench.add_argument_group("synthetic detection benchmark (--detection; a simulation: no images, no weights)")
     detection.add_argument("--detection", action="store_true", help="measure the decision rule's FPR/TPR/AUC in a synthetic embedding world")
-    detection.add_argument("--preset", default="default", help="detector preset or config file whose rule and OT settings are used (default: default)")
+    detection.add_argument("--guard", default="default", metavar="PRESET_OR_FILE", help="guard preset or config file whose rule and OT settings are used (default: default)")
+    detection.add_argument("--preset", dest="guard", action=DeprecatedAlias, new="--guard", help=argparse.SUPPRESS)
     detection.add_argument("--rule", choices=["contrast", "scaled", "paper"], help="override the preset's decision rule")
     detection.add_argument("--threshold", type=float, help="override the rule's threshold")
     detection.add_argument("--seed", type=int, help="random seed (default 0)")

@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from typing import Any
 
+from ._options import check_checkpoint_folder, check_device
+
 _EPILOG = """\
 benchmark specs (--benchmark KIND:PATH, repeatable):
 {benchmarks}
@@ -28,7 +30,8 @@ model (--model):
                                     CLIP, the prefix by prompt; calibration is unavailable
 
 outputs in --out: responses.jsonl (every response + verdicts), items.jsonl, results.csv,
-results.json, table.txt, usr_vs_time.png, run.json. Run the same command again to resume.
+results.json, table.txt, usr_vs_time.png, run.json. Run the same command again to resume; a
+folder holding another run is refused unless --force replaces it.
 """
 
 
@@ -42,8 +45,7 @@ def _epilog() -> str:
 
 
 def _chat_model_target(spec: str, args: argparse.Namespace):
-    from guardalign_core.eval.methods import ChatModelTarget
-
+    """``langchain:PROVIDER:MODEL``: the chat model behind the real adapter (GuardedChatModel)."""
     model = spec.removeprefix("langchain:")
     if ":" not in model or not all(model.split(":", 1)):
         raise ValueError(f"--model {spec!r}: write langchain:PROVIDER:MODEL, e.g. langchain:openai:gpt-4o")
@@ -51,14 +53,17 @@ def _chat_model_target(spec: str, args: argparse.Namespace):
         raise ValueError("--model langchain:... needs LangChain and the provider's package: pip install 'guardalign[agents]' langchain-<provider>")
     from langchain.chat_models import init_chat_model
 
-    return ChatModelTarget(init_chat_model(model, temperature=args.temperature, max_tokens=args.max_new_tokens), model_id=spec)
+    from guardalign_integrations.langchain.eval_target import GuardedChatTarget
+
+    return GuardedChatTarget(init_chat_model(model, temperature=args.temperature, max_tokens=args.max_new_tokens), model_id=spec)
 
 
 def _local_target(args: argparse.Namespace):
     from guardalign_core.calibration import CalibrationConfig
-    from guardalign_core.eval.methods import LocalTarget
+    from guardalign_core.eval.targets import LocalTarget
     from guardalign_core.lvlm import LocalLVLM
 
+    check_checkpoint_folder("--model", args.model_id)
     calibration = CalibrationConfig(gamma=args.gamma) if args.gamma is not None else None
     lvlm = LocalLVLM.from_pretrained(args.model_id, device=args.device, dtype=args.dtype)
     return LocalTarget(lvlm, calibration=calibration, suppress_special_tokens=args.suppress_special)
@@ -67,6 +72,7 @@ def _local_target(args: argparse.Namespace):
 def _guard(args: argparse.Namespace) -> Any:
     from guardalign_core.config import resolve_config
 
+    check_device("--clip-device", args.clip_device)
     config = resolve_config(args.guard)
     if args.clip_device:
         config = config.model_copy(update={"detector": config.detector.model_validate({**config.detector.model_dump(), "device": args.clip_device})})
@@ -88,9 +94,18 @@ def _print_run(run) -> None:
     out.write("\n")
 
 
+def _register_adapter_judges() -> None:
+    """Let ``--judge langchain:...`` work: the adapter package registers that judge kind on import."""
+    if importlib.util.find_spec("langchain_core") is not None:
+        import guardalign_integrations.langchain.judges  # noqa: F401
+
+
 def _judges(args: argparse.Namespace) -> list[Any]:
     """Judge specs, with MD-Judge placed on --judge-device (a 7B judge on CPU would take hours)."""
     from guardalign_core.eval.judges import get_judge
+
+    _register_adapter_judges()
+    check_device("--judge-device", args.judge_device)
 
     judges: list[Any] = []
     for spec in args.judge or ["refusal"]:
@@ -113,8 +128,6 @@ def _run(args: argparse.Namespace) -> int:
 
     judges = _judges(args)
     progress = not args.no_progress
-    if args.force and not args.rejudge:
-        raise ValueError("--force only applies with --rejudge (it replaces the saved verdicts of the given judges)")
     if args.rejudge:
         run = rejudge(args.out, judges, force=args.force, progress=progress)
         _print_run(run)
@@ -124,20 +137,23 @@ def _run(args: argparse.Namespace) -> int:
     if not args.benchmark:
         raise ValueError("--benchmark is required (KIND:PATH; see guardalign eval --help)")
     from guardalign_core.eval.datasets import load_benchmark
+    from guardalign_core.eval.judging import resolve_judges
     from guardalign_core.eval.methods import parse_methods
     from guardalign_core.lvlm import GenerationOptions
 
+    check_device("--device", args.device)
     # Every check runs before a model is touched: methods, then data, then (in run_eval) judges.
     methods = parse_methods(args.methods)
     readers = {"skip_missing": True} if args.skip_missing else {}
     benchmarks = [load_benchmark(spec, limit=args.limit, allow_download=args.allow_download, **readers) for spec in args.benchmark]
     guard = _guard(args)
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    resolve_judges(judges, [])  # a bad judge fails here, before the model is even looked for (run_eval builds them again)
     target = _chat_model_target(args.model_id, args) if args.model_id.startswith("langchain:") else _local_target(args)
     try:
         run = run_eval(
             target, benchmarks, methods, judges, out_dir=args.out, guard=guard, options=options, resume=not args.no_resume,
-            progress=progress, raise_errors=args.debug,
+            overwrite=args.force, progress=progress, raise_errors=args.debug,
         )
     except KeyboardInterrupt:
         sys.stderr.write(f"guardalign eval: the responses so far are saved in {args.out}; run the same command again to resume\n")
@@ -157,7 +173,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", dest="model_id", help="hub id or local folder of the LVLM, or langchain:PROVIDER:MODEL")
-    parser.add_argument("--device", default="cpu", help="device of the local LVLM (default cpu)")
+    parser.add_argument("--device", default="cpu", help="device of the local LVLM (default cpu); CLIP's is --clip-device")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="dtype of the local LVLM")
     parser.add_argument("--benchmark", action="append", metavar="KIND:PATH", help="a benchmark spec (repeatable; see below)")
     parser.add_argument("--methods", default="vanilla,eta,guardalign", help="comma-separated methods (default vanilla,eta,guardalign)")
@@ -166,15 +182,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--judge-device", help="device of an md-judge model (default: --device)")
     parser.add_argument("--judge-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="dtype of an md-judge model")
     parser.add_argument("--guard", metavar="PRESET_OR_FILE", help="detector/prefix config: a preset (default, fast-cpu, ...) or a YAML/JSON file")
-    parser.add_argument("--clip-device", help="device of the detector's CLIP (overrides the guard config)")
+    parser.add_argument("--clip-device", metavar="DEVICE", help="device of the detector's CLIP (overrides the guard config)")
     parser.add_argument("--gamma", type=float, help="calibration strength γ (default: the library's)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N items of each benchmark")
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="tokens generated per response (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     parser.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")
-    parser.add_argument("--no-resume", action="store_true", help="start over, overwriting the responses saved in --out")
+    parser.add_argument("--no-resume", action="store_true", help="start the same setup over, overwriting its responses in --out")
     parser.add_argument("--rejudge", action="store_true", help="only judge the responses saved in --out again (no generation)")
-    parser.add_argument("--force", action="store_true", help="with --rejudge: replace existing verdicts of the given judges")
+    parser.add_argument("--force", action="store_true", help="replace another run's outputs in --out (a different setup, or files "
+                        "without run.json); with --rejudge: replace the given judges' saved verdicts")
     parser.add_argument("--skip-missing", action="store_true", help="drop benchmark items whose image file is missing (logged) instead of failing")
     parser.add_argument("--allow-download", action="store_true", help="allow http(s) URLs as benchmark paths")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ._options import DeprecatedAlias, check_checkpoint_folder, check_device
 from ._scan import add_detector_options, config_from_args
 
 
@@ -15,13 +16,15 @@ def _pipeline(args: argparse.Namespace):
     from guardalign_core.pipeline import GuardAlignPipeline
     from guardalign_core.runners import get_local_lvlm
 
+    check_device("--device", args.lvlm_device)
+    config = config_from_args(args)  # checks --clip-device and --clip-pretrained
+    check_checkpoint_folder("--model", args.model_id)
     calibration = CalibrationConfig(
         gamma=args.gamma if args.gamma is not None else CalibrationConfig().gamma,
         layers=tuple(args.layers) if args.layers else None,
         backend=args.attention,
         enabled=not args.no_calibration,
     )
-    config = config_from_args(args)
     prefix = PrefixConfig(text=args.prefix, policy="never" if args.no_prefix else "always", placement=args.placement)
     lvlm = get_local_lvlm(args.model_id, device=args.lvlm_device, dtype=args.dtype, backend=calibration.backend)
     return GuardAlignPipeline(lvlm, config, prefix=prefix, calibration=calibration)
@@ -87,7 +90,8 @@ def plot_profile(profile, path: str, title: str = "") -> None:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", dest="model_id", required=True, help="Hugging Face hub id or local checkpoint folder of the LVLM")
     parser.add_argument("--image", action="append", help="an image (repeat for several)")
-    parser.add_argument("--lvlm-device", default="cpu", help="device of the LVLM (default cpu)")
+    parser.add_argument("--device", dest="lvlm_device", default="cpu", help="device of the LVLM (default cpu); CLIP's is --clip-device")
+    parser.add_argument("--lvlm-device", dest="lvlm_device", action=DeprecatedAlias, new="--device", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--gamma", type=float, help="calibration strength γ (Eq. 13)")
     parser.add_argument("--layers", type=int, nargs="+", help="decoder layers to calibrate (default: the middle half)")
@@ -97,7 +101,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default="As an AI assistant, ", help="the safety prefix")
     parser.add_argument("--placement", choices=["response", "prompt"], default="response")
     parser.add_argument("--suppress-special", action="store_true", help="suppress special tokens (for random-weight test models)")
-    add_detector_options(parser, clip_flag="--clip-model")
+    add_detector_options(parser, lvlm=True)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

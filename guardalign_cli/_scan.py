@@ -10,41 +10,63 @@ from typing import Any
 
 from guardalign_core.config import GuardConfig, PolicyConfig, save_config
 from guardalign_core.config import resolve_config
-from guardalign_core.detector import create_detector
 from guardalign_core.results import ScanResult, Status
 
+from ._options import DeprecatedAlias, check_checkpoint_file, check_device, refuse_overwrite
 
-def add_detector_options(parser: argparse.ArgumentParser, clip_flag: str = "--model") -> None:
-    """Options shared by every command that builds a detector.
 
-    ``clip_flag`` names the CLIP model option; the LVLM commands use ``--clip-model`` because
-    their ``--model`` is the language model.
+def create_detector(*args: Any, **kwargs: Any):
+    """:func:`guardalign_core.detector.create_detector`, imported on first use: ``guardalign --help`` loads no torch."""
+    from guardalign_core.detector import create_detector as create
+
+    return create(*args, **kwargs)
+
+
+def add_detector_options(parser: argparse.ArgumentParser, *, lvlm: bool = False) -> None:
+    """Options shared by every command that builds a detector, spelled the same everywhere.
+
+    ``--guard`` takes the guard config (a preset name or a YAML/JSON file; ``--config`` is its
+    deprecated, hidden alias). In the LVLM commands (``lvlm=True``) ``--model`` and ``--device``
+    belong to the language model, so CLIP's are ``--clip-model``, ``--clip-pretrained`` and
+    ``--clip-device``; in the CLIP-only commands ``--device`` is CLIP's and ``--clip-device`` a
+    synonym.
     """
     group = parser.add_argument_group("detector (CLIP)")
-    weights_flag = "--pretrained" if clip_flag == "--model" else f"{clip_flag.removesuffix('-model')}-pretrained"
-    group.add_argument("--config", help="a YAML/JSON config file (e.g. written by 'guardalign calibrate') or a preset name")
+    group.add_argument("--guard", metavar="PRESET_OR_FILE", help="guard config: a preset (default, fast-cpu, ...) or a YAML/JSON file "
+                       "(e.g. written by 'guardalign calibrate'); the flags below override it")
+    group.add_argument("--config", dest="guard", action=DeprecatedAlias, new="--guard", help=argparse.SUPPRESS)
     group.add_argument("--detector", choices=["ot", "cosine"], help="GuardAlign's OT detector (default) or ETA's cosine baseline")
-    group.add_argument(clip_flag, dest="model", help="open_clip model name or hf-hub: id (default ViT-L-14-336)")
-    group.add_argument(weights_flag, dest="pretrained", help="pretrained tag (e.g. openai), a checkpoint path, or 'none' for random weights")
+    prefix = "--clip-" if lvlm else "--"
+    group.add_argument(f"{prefix}model", dest="clip_model", help="open_clip model name or hf-hub: id (default ViT-L-14-336)")
+    group.add_argument(f"{prefix}pretrained", dest="pretrained", help="pretrained tag (e.g. openai), a checkpoint file, or 'none' for random weights")
     group.add_argument("--grid", type=int, help="g: cut each image into g×g patches (default 3)")
     group.add_argument("--patch-mode", choices=["grid", "tokens"], help="grid crops (the paper's) or ViT tokens (one forward, faster on CPU)")
     group.add_argument("--threshold", type=float, help="τ: patches with score ≤ τ are unsafe (cosine: flag when ≥)")
-    group.add_argument("--device", help="torch device (cpu, cuda, cuda:1)")
+    devices = ["--clip-device"] if lvlm else ["--device", "--clip-device"]
+    group.add_argument(*devices, dest="clip_device", metavar="DEVICE", help="CLIP's torch device (cpu, cuda, cuda:1; default: the config's)")
     group.add_argument("--batch-size", type=int, help="crops per CLIP forward pass")
-    group.add_argument("--policy", choices=["mask", "block", "flag"], help="what to do with unsafe images (default mask)")
+    group.add_argument("--policy", choices=["mask", "block", "flag"], help="the policy: what to do with unsafe images (default mask)")
 
 
 def config_from_args(args: argparse.Namespace) -> GuardConfig:
-    """Merge a config file or preset with the command-line overrides."""
-    config = resolve_config(args.config)
+    """Merge a guard config (preset or file) with the command-line overrides.
+
+    Every value is checked before anything loads: a bad device or a missing checkpoint file is a
+    :class:`~._options.CommandLineError` naming the flag.
+    """
+    lvlm = hasattr(args, "model_id")  # the LVLM commands keep the language model in model_id
+    flags = ("--clip-device", "--clip-pretrained") if lvlm else ("--device/--clip-device", "--pretrained")
+    check_device(flags[0], args.clip_device)
+    check_checkpoint_file(flags[1], args.pretrained)
+    config = resolve_config(args.guard)
     overrides: dict[str, Any] = {}
     if args.detector:
         overrides["kind"] = args.detector
-    if args.model:
-        overrides["model"] = args.model
+    if args.clip_model:
+        overrides["model"] = args.clip_model
     if args.pretrained:
         overrides["pretrained"] = None if args.pretrained.lower() in ("none", "random") else args.pretrained
-    for field, value in (("grid_size", args.grid), ("patch_mode", args.patch_mode), ("device", args.device), ("batch_size", args.batch_size)):
+    for field, value in (("grid_size", args.grid), ("patch_mode", args.patch_mode), ("device", args.clip_device), ("batch_size", args.batch_size)):
         if value is not None:
             overrides[field] = value
     if args.threshold is not None:
@@ -77,6 +99,7 @@ def run_scan(args: argparse.Namespace) -> int:
     results = detector.scan([str(f) for f in files], sources=[str(f) for f in files], progress=not args.json and sys.stderr.isatty())
     out_dir = Path(args.out) if args.out else None
     if out_dir:
+        refuse_overwrite("--out", (out_dir / f"{f.stem}.{kind}.png" for f in files for kind in ("masked", "heatmap")), force=args.force)
         out_dir.mkdir(parents=True, exist_ok=True)
     for file, result in zip(files, results):
         if out_dir and result.status == Status.OK:
@@ -105,6 +128,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from guardalign_core.thresholds import calibrate_threshold, list_images
 
     config = config_from_args(args)
+    refuse_overwrite("--out", [Path(args.out)], force=args.force)
     detector = create_detector(config, policy=PolicyConfig(action="flag"))
     safe, unsafe = list_images([args.safe]), list_images([args.unsafe])
     calibration = calibrate_threshold(detector, [str(p) for p in safe], [str(p) for p in unsafe], args.target_fpr, progress=sys.stderr.isatty())
@@ -115,7 +139,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"{field} = {calibration.threshold:.6g} on {detector.config.backbone_id} (grid {detector.config.grid_size}, "
         f"{detector.config.patch_mode}): TPR {calibration.tpr:.1%} on {calibration.n_unsafe} unsafe, "
         f"FPR {calibration.fpr:.1%} on {calibration.n_safe} safe (target {calibration.target_fpr:.1%})\n"
-        f"wrote {out}; use it with: guardalign scan --config {out} PATH...\n"
+        f"wrote {out}; use it with: guardalign scan --guard {out} PATH...\n"
     )
     return 0
 
@@ -125,6 +149,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     scan.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     scan.add_argument("--json", action="store_true", help="print one JSON object per image (JSON lines)")
     scan.add_argument("--out", metavar="DIR", help="write <name>.masked.png and <name>.heatmap.png per image")
+    scan.add_argument("--force", action="store_true", help="overwrite files that already exist in --out")
     add_detector_options(scan)
     scan.set_defaults(func=run_scan)
 
@@ -135,5 +160,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--unsafe", required=True, metavar="DIR", help="folder of unsafe images")
     calibrate.add_argument("--target-fpr", type=float, default=0.05, help="largest false-positive rate allowed on the safe images (default 0.05)")
     calibrate.add_argument("--out", default="guardalign.yaml", help="config file to write (YAML or JSON; default guardalign.yaml)")
+    calibrate.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     add_detector_options(calibrate)
     calibrate.set_defaults(func=run_calibrate)

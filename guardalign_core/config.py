@@ -81,7 +81,7 @@ class DetectorConfig(_Config):
     entropy_weighting: Literal["printed", "text", "uniform"] = Field(
         "printed", description="Sign of the entropy weight: 'printed' exp(+h/T) (Eq. 7 as printed), 'text' exp(−h/T), or uniform marginals."
     )
-    sinkhorn: SinkhornConfig = Field(default_factory=SinkhornConfig)
+    sinkhorn: SinkhornConfig = Field(default_factory=SinkhornConfig, description="The entropic OT solver (Sinkhorn–Knopp) settings.")
     mask_mode: Literal["zero", "mean", "blur"] = Field("zero", description="How unsafe patches are masked: black (Eq. 11), CLIP mean colour, or Gaussian blur.")
     concepts: str | None = Field(None, description="Path to a YAML/JSON concept bank replacing the shipped one.")
     reference_concepts: str | None = Field(
@@ -114,10 +114,10 @@ class DetectorConfig(_Config):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        import torch
-
         if value == "auto":
             return value
+        import torch  # only for an explicit device: building the default config must not load torch
+
         try:
             torch.device(value)
         except RuntimeError as err:
@@ -180,10 +180,18 @@ class PrefixConfig(_Config):
 class GuardConfig(_Config):
     """Everything the input-side guard needs: detector, policy, image limits and the safety prefix."""
 
-    detector: DetectorConfig = Field(default_factory=DetectorConfig)
-    policy: PolicyConfig = Field(default_factory=PolicyConfig)
-    images: ImageLimits = Field(default_factory=ImageLimits)
-    prefix: PrefixConfig = Field(default_factory=PrefixConfig)
+    detector: DetectorConfig = Field(
+        default_factory=DetectorConfig, description="The unsafe-patch detector: CLIP backbone, patches, OT settings and threshold τ."
+    )
+    policy: PolicyConfig = Field(
+        default_factory=PolicyConfig, description="The policy: mask, block or flag an unsafe image, and whether an unchecked one passes (fail_open)."
+    )
+    images: ImageLimits = Field(
+        default_factory=ImageLimits, description="Limits on the images a request may carry (size, shape, count, local files, remote fetching)."
+    )
+    prefix: PrefixConfig = Field(
+        default_factory=PrefixConfig, description="The safety prefix: its text, when it applies and how it reaches the model."
+    )
 
 
 _PRESETS: dict[str, GuardConfig] = {}

@@ -21,10 +21,7 @@ from .results import Decision, ScanResult, Status
 from .screening import ContentImage, screen_images
 from .verdicts import DEFAULT_REFUSAL, Forward, ImageVerdict, RequestVerdict, SafetyPrompt
 
-__all__ = ["DEFAULT_REFUSAL", "ContentImage", "GuardDecision", "ImageGuard", "RequestVerdict", "SafetyPrompt", "combine_results", "plan_safety_prompt"]
-
-GuardDecision = RequestVerdict
-"""The former name of :class:`RequestVerdict`, kept while ``guardalign_core.eval`` still uses it."""
+__all__ = ["DEFAULT_REFUSAL", "ContentImage", "ImageGuard", "RequestVerdict", "SafetyPrompt", "combine_results", "plan_safety_prompt"]
 
 SHARED_MEMORY = CheckedImageMemory()
 """What every guard of this process remembers by default, so an image screened once is never masked twice.

@@ -3,10 +3,14 @@
 - :mod:`.items`: the records passed around (:class:`EvalItem`, :class:`Benchmark`, :class:`Verdict`,
   :class:`ResponseRecord`, the :class:`Judge` protocol).
 - :mod:`.datasets`: benchmark readers behind :func:`load_benchmark` (``figstep:DIR``, ``spa-vl-harm:PATH``, ...).
-- :mod:`.methods`: the compared methods (:data:`METHODS`) and the targets that run them
-  (:class:`LocalTarget`, :class:`ChatModelTarget`).
+- :mod:`.methods`: the compared methods (:data:`METHODS`, :class:`MethodSpec`).
+- :mod:`.targets`: what runs a method on one item (:class:`EvalTarget`; :class:`LocalTarget` for a
+  local LVLM). Black-box chat models go through the real adapters:
+  ``guardalign_integrations.langchain.eval_target.GuardedChatTarget``.
 - :mod:`.judges`: refusal-marker, MD-Judge-style and helpfulness judges (:func:`get_judge`).
 - :mod:`.report`: the results table, CSV/JSON files and the USR-vs-time plot.
+- :mod:`.judging`: judges built from specs, verdicts added to saved records.
+- :mod:`.store`: the folder's files (:class:`RunRecord` is ``run.json``, typed and validated on read).
 - :mod:`.runner`: :func:`run_eval` (resumable) and :func:`rejudge`.
 
 Nothing here imports LangChain or transformers at import time; they load when a judge or a
@@ -34,11 +38,7 @@ from .judges import (
 )
 from .methods import (
     METHODS,
-    ChatModelTarget,
-    EvalTarget,
-    LocalTarget,
     MethodSpec,
-    build_chat_messages,
     get_method,
     list_methods,
     method_guard_config,
@@ -55,7 +55,9 @@ from .report import (
     write_csv,
     write_json,
 )
-from .runner import EvalRun, load_records, rejudge, run_eval
+from .runner import EvalRun, rejudge, run_eval
+from .store import RunRecord, RunRecordError, load_records
+from .targets import EvalTarget, LocalTarget
 
 __all__ = [
     "BENCHMARKS",
@@ -63,7 +65,6 @@ __all__ = [
     "PAPER_RESULTS",
     "Benchmark",
     "ChatModelJudge",
-    "ChatModelTarget",
     "ConstantJudge",
     "DatasetError",
     "EvalItem",
@@ -77,8 +78,9 @@ __all__ = [
     "RefusalJudge",
     "ResponseRecord",
     "ResultRow",
+    "RunRecord",
+    "RunRecordError",
     "Verdict",
-    "build_chat_messages",
     "format_paper_results",
     "format_table",
     "get_judge",

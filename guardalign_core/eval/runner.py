@@ -6,52 +6,54 @@ results for every method. Each record is appended to ``responses.jsonl`` and flu
 as it exists: an interrupt loses at most the item in flight, and the next run with the same
 ``out_dir`` skips every saved key (records whose generation failed are retried). The judges
 then add their verdicts to the records that lack them, and the results table, the plot and
-the run summary are written. :func:`rejudge` re-runs only that last part on saved responses.
+the run record are written. :func:`rejudge` re-runs only that last part on saved responses.
 
-Files in ``out_dir``:
-
-- ``responses.jsonl``: one record per line, verdicts included. It is appended to while
-  generating and rewritten atomically (temp file + ``os.replace``) after loading and after
-  each batch of verdicts, so it is never left half-written.
-- ``items.jsonl``: the benchmark items (prompt, image path, label, meta), so that re-judging
-  needs neither the data loaders nor the original specs.
-- ``results.csv``, ``results.json``, ``table.txt``: one row per method × benchmark.
-- ``usr_vs_time.png``: USR against seconds per item; ``asr_vs_time.png`` (ASR) instead when no
-  judge gave a USR; skipped, with a note, when matplotlib is missing.
-- ``run.json``: model, methods and their specs, benchmarks with sources and counts, judges,
-  generation options, guard config, versions, timestamps and notes.
+The files (:mod:`.store`): ``responses.jsonl`` (every response and its verdicts),
+``items.jsonl`` (the benchmark items, so re-judging needs no data loaders), ``results.csv``,
+``results.json`` and ``table.txt`` (one row per method × benchmark), ``usr_vs_time.png`` (or
+``asr_vs_time.png`` when no judge gave a USR; skipped, with a note, without matplotlib) and
+``run.json`` (a :class:`~.store.RunRecord`). A folder holding another run is never
+overwritten silently: see :func:`~.store.claim_folder`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
-import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..config import GuardConfig, resolve_config
-from .items import Benchmark, EvalItem, Judge, ResponseRecord, Verdict
-from .methods import EvalTarget, MethodSpec, override_notes, parse_methods
-from .report import ResultRow, format_table, plot_usr_vs_time, summarize, write_csv, write_json
+from .items import Benchmark, EvalItem, Judge, ResponseRecord
+from .judging import judge_records, prefix_texts, resolve_judges, summarize_selection
+from .methods import MethodSpec, override_notes, parse_methods
+from .report import ResultRow, format_table, plot_usr_vs_time, write_csv, write_json
+from .store import (
+    ITEMS,
+    RESPONSES,
+    RUN_INFO,
+    BenchmarkInfo,
+    RunRecord,
+    claim_folder,
+    load_items,
+    load_records,
+    now,
+    read_run_record,
+    versions,
+    write_items,
+    write_records,
+    write_run_record,
+    write_text,
+)
+from .targets import EvalTarget, json_safe
 
 if TYPE_CHECKING:
     from ..lvlm import GenerationOptions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalRun", "judge_records", "load_records", "rejudge", "run_eval", "write_records"]
-
-RESPONSES = "responses.jsonl"
-ITEMS = "items.jsonl"
-RUN_INFO = "run.json"
-# Detector settings that change speed or placement but not verdicts: a resume may differ in them.
-_RESUME_FREE_DETECTOR_FIELDS = ("device", "batch_size", "cache_dir", "disk_cache")
+__all__ = ["EvalRun", "load_records", "rejudge", "run_eval", "write_records"]
 
 
 @dataclass
@@ -82,182 +84,13 @@ class EvalRun:
         return format_table(self.rows)
 
 
-# -- files --------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # An ordinary open() of a private temporary name gives the file the usual mode (0666 & ~umask)
-    # without touching the process umask; os.replace then swaps it in at once.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_records(path: str | Path) -> dict[str, ResponseRecord]:
-    """Read a ``responses.jsonl``: key → record, a later line replacing an earlier one with its key.
-
-    A line that does not parse (the tail of a write cut short by a hard kill) is skipped with a
-    warning; its item is generated again.
-    """
-    path = Path(path)
-    records: dict[str, ResponseRecord] = {}
-    if not path.is_file():
-        return records
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = ResponseRecord.model_validate_json(line)
-            except ValueError:
-                logger.warning("%s:%d is not a complete record (an interrupted write?); it will be regenerated", path, number)
-                continue
-            records[record.key] = record
-    return records
-
-
-def write_records(path: str | Path, records: Iterable[ResponseRecord]) -> Path:
-    """Write records as JSONL atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    _atomic_write(path, "".join(r.model_dump_json() + "\n" for r in records))
-    return path
-
-
-def _load_items(path: Path) -> dict[tuple[str, str], EvalItem]:
-    items: dict[tuple[str, str], EvalItem] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                item = EvalItem.model_validate_json(line)
-                items[(item.benchmark, item.id)] = item
-    return items
-
-
-def _item_of(record: ResponseRecord, items: dict[tuple[str, str], EvalItem]) -> EvalItem:
-    item = items.get((record.benchmark, record.item_id))
-    if item is not None:
-        return item
-    return EvalItem(id=record.item_id, benchmark=record.benchmark, prompt=record.prompt, image=record.image,
-                    safe=record.safe_item, category=record.category)
-
-
-def _versions() -> dict[str, str | None]:
-    from .. import __version__
-
-    out: dict[str, str | None] = {"guardalign": __version__, "python": platform.python_version()}
-    for package in ("torch", "transformers", "open_clip_torch"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
-    return out
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# -- judging ------------------------------------------------------------------------------------
-
-
-def _prefix_texts(records: Iterable[ResponseRecord], guard: GuardConfig | None) -> list[str]:
-    """Every safety prefix a method prepended (so the refusal judge can look past it)."""
-    found = {guard.prefix.text} if guard is not None and guard.prefix.text.strip() else set()
-    for record in records:
-        text = (record.guard or {}).get("prefix_text")
-        if isinstance(text, str) and text.strip():
-            found.add(text)
-    return sorted(found)
-
-
-def _resolve_judges(judges: Sequence[Judge | str], prefixes: Sequence[str]) -> list[Judge]:
-    from .judges import RefusalJudge, get_judge
-
-    out: list[Judge] = []
-    for judge in judges:
-        if isinstance(judge, str):
-            head = judge.strip().partition(":")[0]
-            judge = get_judge(judge, ignore_prefixes=list(prefixes)) if head == "refusal" else get_judge(judge)
-        elif isinstance(judge, RefusalJudge) and not set(prefixes) <= set(judge.ignore_prefixes):
-            # Without this, "As an AI assistant, here is how..." counts as a refusal and flatters every prefix method.
-            logger.info("refusal judge %r: also ignoring the safety prefix(es) the methods prepended: %s", judge.name, prefixes)
-            judge = RefusalJudge(judge.name, judge.markers, ignore_prefixes=[*judge.ignore_prefixes, *prefixes],
-                                 empty_is_refusal=judge.empty_is_refusal)
-        elif not isinstance(judge, Judge):
-            raise TypeError(f"judges: expected a judge spec string or an object with name and judge(), got {type(judge).__name__}")
-        out.append(judge)
-    names = [j.name for j in out]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"two judges share the name {duplicates}: give them distinct names")
-    for judge in out:
-        # A cheap check (e.g. a judge model folder exists) so a bad judge fails before hours of generation.
-        validate = getattr(judge, "validate", None)
-        if callable(validate):
-            validate()
-    return out
-
-
-def judge_records(
-    records: dict[str, ResponseRecord],
-    keys: Sequence[str],
-    judges: Sequence[Judge],
-    items: dict[tuple[str, str], EvalItem],
-    *,
-    save: Path | None = None,
-    force: bool = False,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> int:
-    """Add each judge's verdict to the records in ``keys`` that lack it (all of them with ``force``).
-
-    Records whose generation failed are not judged. With ``save``, the whole record set is
-    rewritten there atomically after every batch, so an interrupted judge keeps its verdicts.
-
-    Returns:
-        The number of verdicts added.
-    """
-    from tqdm.auto import tqdm
-
-    added = 0
-    for judge in judges:
-        pending = [k for k in keys if records[k].error is None and (force or judge.name not in records[k].verdicts)]
-        if not pending:
-            continue
-        with tqdm(total=len(pending), desc=f"judge ({judge.name})", unit="resp", disable=not progress) as bar:
-            for start in range(0, len(pending), batch_size):
-                chunk = pending[start : start + batch_size]
-                verdicts = judge.judge([_item_of(records[k], items) for k in chunk], [records[k].response for k in chunk])
-                if len(verdicts) != len(chunk):
-                    raise ValueError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(chunk)} responses")
-                for key, verdict in zip(chunk, verdicts):
-                    if not isinstance(verdict, Verdict):
-                        raise TypeError(f"judge {judge.name!r} returned a {type(verdict).__name__}, not a Verdict")
-                    record = records[key]
-                    records[key] = record.model_copy(update={"verdicts": {**record.verdicts, judge.name: verdict}})
-                added += len(chunk)
-                bar.update(len(chunk))
-                if save is not None:
-                    write_records(save, records.values())
-    return added
-
-
 # -- outputs ------------------------------------------------------------------------------------
 
 
-def _write_outputs(out_dir: Path, rows: list[ResultRow], notes: list[str], paths: dict[str, Path]) -> None:
-    paths["results_csv"] = write_csv(rows, out_dir / "results.csv")
-    paths["results_json"] = write_json(rows, out_dir / "results.json")
-    table = format_table(rows) + ("\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
-    paths["table"] = out_dir / "table.txt"
-    _atomic_write(paths["table"], table + "\n")
+def _write_outputs(out_dir: Path, rows: list[ResultRow], notes: list[str]) -> dict[str, Path]:
+    """The table files and the plot; notes on what could not be drawn are appended to ``notes``."""
+    paths = {"responses": out_dir / RESPONSES, "items": out_dir / ITEMS,
+             "results_csv": write_csv(rows, out_dir / "results.csv"), "results_json": write_json(rows, out_dir / "results.json")}
     for metric in ("usr", "asr"):  # USR when a safety judge ran, else ASR from the refusal judge
         plot = out_dir / f"{metric}_vs_time.png"
         plot.unlink(missing_ok=True)  # a stale plot from an earlier run must not pass for this one
@@ -268,13 +101,17 @@ def _write_outputs(out_dir: Path, rows: list[ResultRow], notes: list[str], paths
         except ImportError as err:
             notes.append(f"plot skipped: {err}")
             logger.info("plot skipped: %s", err)
-            return
+            break
         except ValueError:
             continue
         if metric == "asr":
             notes.append("no safety judge gave a USR (e.g. md-judge): plotted ASR against time instead (asr_vs_time.png)")
-    if "plot" not in paths:
+    if "plot" not in paths and not any(n.startswith("plot skipped") for n in notes):
         notes.append("plot skipped: no row has a USR or an ASR")
+    table = format_table(rows) + ("\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
+    paths["table"] = write_text(out_dir / "table.txt", table + "\n")
+    paths["run"] = out_dir / RUN_INFO
+    return paths
 
 
 def _error_notes(selection: list[ResponseRecord]) -> list[str]:
@@ -286,26 +123,6 @@ def _error_notes(selection: list[ResponseRecord]) -> list[str]:
 
 # Notes _write_outputs and _error_notes add: rebuilt, never carried over, when re-judging.
 _DERIVED_NOTE_STARTS = ("plot skipped", "no safety judge gave a USR")
-
-
-def _first_judge(records: list[ResponseRecord], names: Sequence[str], field: str) -> str | None:
-    for name in names:
-        if any(getattr(r.verdicts.get(name), field, None) is not None for r in records):
-            return name
-    return None
-
-
-def _summarize(records: list[ResponseRecord], judge_names: Sequence[str]) -> list[ResultRow]:
-    """The table, each metric read from the first of ``judge_names`` that decides it.
-
-    Naming them keeps verdicts left in the file by judges of an earlier run from taking over.
-    """
-    return summarize(
-        records,
-        safety_judge=_first_judge(records, judge_names, "unsafe"),
-        refusal_judge=_first_judge(records, judge_names, "refused"),
-        helpfulness_judge=_first_judge(records, judge_names, "helpfulness"),
-    )
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -339,47 +156,9 @@ def _load_benchmarks(benchmarks: Sequence[Benchmark | str] | Benchmark | str, li
     return out
 
 
-def _comparable(info: dict[str, Any]) -> dict[str, Any]:
-    guard = json.loads(json.dumps(info.get("guard") or {}))
-    for name in _RESUME_FREE_DETECTOR_FIELDS:
-        guard.get("detector", {}).pop(name, None)
-    sources = {b.get("name"): b.get("source") for b in info.get("benchmarks") or [] if isinstance(b, dict)}
-    return {"model": info.get("model"), "options": info.get("options"), "guard": guard, "methods": info.get("methods", {}),
-            "settings": info.get("target_settings"), "sources": sources}
-
-
-def _check_resumable(previous: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to mix records of different setups in one table."""
-    old, new = _comparable(previous), _comparable(current)
-    problems = []
-    if old["model"] != new["model"]:
-        problems.append(f"model {old['model']!r} vs {new['model']!r}")
-    if old["options"] != new["options"]:
-        problems.append("generation options differ")
-    if old["guard"] != new["guard"]:
-        problems.append("guard config differs")
-    changed = [m for m in new["methods"] if m in old["methods"] and old["methods"][m] != new["methods"][m]]
-    if changed:
-        problems.append(f"method(s) {', '.join(changed)} changed definition")
-    if old["settings"] is not None and new["settings"] is not None and old["settings"] != new["settings"]:
-        keys = sorted({*old["settings"], *new["settings"]})
-        diff = [k for k in keys if old["settings"].get(k) != new["settings"].get(k)]
-        problems.append(f"model settings differ ({', '.join(diff)})")
-    moved = [b for b in new["sources"] if b in old["sources"] and old["sources"][b] != new["sources"][b]]
-    if moved:
-        problems.append(f"benchmark(s) {', '.join(moved)} come from another source")
-    if problems:
-        raise ValueError(
-            f"the output folder holds a run with another setup ({'; '.join(problems)}): use another output folder, "
-            "or start over with resume=False (--no-resume)"
-        )
-
-
-def _target_settings(target: EvalTarget) -> dict[str, Any] | None:
+def _target_settings(target: EvalTarget) -> dict | None:
     settings = getattr(target, "settings", None)
-    if not callable(settings):
-        return None
-    return json.loads(json.dumps(settings(), default=str, sort_keys=True))
+    return json_safe(settings()) if callable(settings) else None
 
 
 def _warm_up(target: EvalTarget, specs: Sequence[MethodSpec], guard: GuardConfig, item: EvalItem) -> None:
@@ -395,6 +174,33 @@ def _warm_up(target: EvalTarget, specs: Sequence[MethodSpec], guard: GuardConfig
         target.warm_up(specs, guard)
 
 
+def _generate(
+    target: EvalTarget, pending: list[tuple[MethodSpec, EvalItem, str]], records: dict[str, ResponseRecord], sink_path: Path,
+    *, guard: GuardConfig, options: "GenerationOptions", progress: bool, raise_errors: bool,
+) -> None:
+    """Run each pending (method, item), appending each record to ``sink_path`` as soon as it exists."""
+    from tqdm.auto import tqdm
+
+    with sink_path.open("a", encoding="utf-8") as sink, tqdm(total=len(pending), desc="generate", unit="resp", disable=not progress) as bar:
+        for method, item, key in pending:
+            bar.set_postfix_str(f"{method.name} on {item.benchmark}", refresh=False)
+            try:
+                record = target.run(method, item, guard=guard, options=options)
+            except Exception as err:  # noqa: BLE001 - one failed item must not end a long run: recorded, reported, retried on resume
+                if raise_errors:
+                    raise
+                logger.warning("%s failed: %s: %s", key, type(err).__name__, err)
+                record = ResponseRecord(
+                    key=key, method=method.name, benchmark=item.benchmark, item_id=item.id, safe_item=item.safe,
+                    category=item.category, prompt=item.prompt, image=item.image, error=f"{type(err).__name__}: {err}",
+                )
+            records[key] = record
+            sink.write(record.model_dump_json() + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+            bar.update(1)
+
+
 def run_eval(
     target: EvalTarget,
     benchmarks: Sequence[Benchmark | str] | Benchmark | str,
@@ -405,6 +211,7 @@ def run_eval(
     guard: str | Path | GuardConfig | dict | None = None,
     options: "GenerationOptions | None" = None,
     resume: bool = True,
+    overwrite: bool = False,
     limit: int | None = None,
     progress: bool = True,
     raise_errors: bool = False,
@@ -413,14 +220,15 @@ def run_eval(
     """Generate every method's response to every item, judge them, and write the results.
 
     Args:
-        target: the model: :class:`~.methods.LocalTarget` (local LVLM, calibrated) or
-            :class:`~.methods.ChatModelTarget` (black-box chat model, prompt-only prefix).
+        target: the model: :class:`~.targets.LocalTarget` (local LVLM, calibrated) or a
+            black-box target from an adapter package (e.g.
+            ``guardalign_integrations.langchain.eval_target.GuardedChatTarget``).
         benchmarks: ``KIND:PATH`` specs (see :func:`~.datasets.load_benchmark`) or loaded
             :class:`~.items.Benchmark` s.
         methods: ``"vanilla,eta,guardalign"``, names, or :class:`~.methods.MethodSpec` s.
-        judges: judge specs (``"refusal"``, ``"md-judge:PATH"``, ``"langchain:PROVIDER:MODEL"``)
-            or judge objects; the first judge that sets ``unsafe`` gives USR, the first that
-            sets ``refused`` gives ASR and the refusal rate. A refusal judge ignores the safety
+        judges: judge specs (``"refusal"``, ``"md-judge:PATH"``, any registered kind) or judge
+            objects; the first judge that sets ``unsafe`` gives USR, the first that sets
+            ``refused`` gives ASR and the refusal rate. A refusal judge ignores the safety
             prefix the methods prepended. Default ``("refusal",)``.
         out_dir: the output folder (created; reused to resume).
         guard: the detector/prefix settings every method starts from (preset name, YAML/JSON
@@ -428,7 +236,9 @@ def run_eval(
             Each method overrides the detector kind, the policy action and the prefix policy.
         options: :class:`~guardalign_core.lvlm.GenerationOptions`; default greedy, 256 new tokens.
         resume: skip the items already in ``out_dir/responses.jsonl`` (failed ones are retried);
-            ``False`` starts over and overwrites it.
+            ``False`` starts the same setup over and overwrites its files.
+        overwrite: replace what ``out_dir`` holds when it is another run (another setup, or
+            output files without a run record); without it such a folder is refused.
         limit: the first ``limit`` items of each benchmark.
         progress: show progress bars (tqdm, on stderr).
         raise_errors: re-raise a generation error instead of recording it on the item (debugging).
@@ -439,8 +249,8 @@ def run_eval(
 
     Raises:
         ValueError: an unknown method, a bad benchmark spec (``DatasetError``), a bad judge spec,
-            or an output folder holding a run with another setup (when resuming). Every check
-            runs before any model is loaded.
+            or an output folder holding another run (``RunRecordError`` when its ``run.json`` is
+            corrupt or foreign). Every check runs before any model is loaded.
 
     Example:
         >>> from guardalign_core.lvlm import LocalLVLM, GenerationOptions
@@ -450,11 +260,8 @@ def run_eval(
         ...                out_dir="runs/table3", guard="default", options=GenerationOptions(max_new_tokens=512))  # doctest: +SKIP
         >>> print(run.table)  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     from ..lvlm import GenerationOptions
 
-    started = _now()
     specs = parse_methods(methods)
     benches = _load_benchmarks(benchmarks, limit)
     guard_config = resolve_config(guard)
@@ -462,84 +269,53 @@ def run_eval(
     if not isinstance(options, GenerationOptions):
         raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    responses_path, items_path, info_path = out / RESPONSES, out / ITEMS, out / RUN_INFO
-
-    info: dict[str, Any] = {
-        "model": target.model_id,
-        "target": target.kind,
-        "target_settings": _target_settings(target),
-        "methods": {m.name: m.model_dump() for m in specs},
-        "benchmarks": [{"name": b.name, "source": b.source, "items": len(b.items)} for b in benches],
-        "judges": [],
-        "options": options.model_dump(mode="json"),
-        "guard": guard_config.model_dump(mode="json"),
-        "limit": limit,
-        "versions": _versions(),
-        "started": started,
-        "finished": None,
-    }
-    if resume and info_path.is_file():
-        _check_resumable(json.loads(info_path.read_text(encoding="utf-8")), info)
-    records = load_records(responses_path) if resume else {}
-    items = _load_items(items_path) if resume else {}
+    info = RunRecord(
+        model=target.model_id, target=target.kind, target_settings=_target_settings(target), methods={m.name: m for m in specs},
+        benchmarks=[BenchmarkInfo(name=b.name, source=b.source, items=len(b.items)) for b in benches],
+        options=options.model_dump(mode="json"), guard=guard_config.model_dump(mode="json"), limit=limit, versions=versions(),
+        started=now(),
+    )
+    resuming = out.is_dir() and claim_folder(out, info, resume=resume, overwrite=overwrite)
+    records = load_records(out / RESPONSES) if resuming else {}
+    items = load_items(out / ITEMS) if resuming else {}
     # Judges are built before any generation, so a bad spec fails in seconds, not after hours.
-    judge_objects = _resolve_judges(list(judges), _prefix_texts(records.values(), guard_config))
+    judge_objects = resolve_judges(list(judges), prefix_texts(records.values(), guard_config))
     for bench in benches:
         for item in bench.items:
             items[(item.benchmark, item.id)] = item
-    # Rewriting what was loaded drops a torn last line and superseded failures before appending.
-    write_records(responses_path, records.values())
-    _atomic_write(items_path, "".join(i.model_dump_json() + "\n" for i in items.values()))
 
     order = [(m, item) for bench in benches for item in bench.items for m in specs]  # item-major
     keys = [f"{m.name}/{item.benchmark}/{item.id}" for m, item in order]
     pending = [(m, item, k) for (m, item), k in zip(order, keys) if k not in records or records[k].error is not None]
     reused = len(order) - len(pending)
     if reused:
-        logger.info("resuming: %d of %d responses already saved in %s", reused, len(order), responses_path)
-
+        logger.info("resuming: %d of %d responses already saved in %s", reused, len(order), out / RESPONSES)
     if pending:
         _warm_up(target, specs, guard_config, pending[0][1])
-    # run.json is written only once the model loaded: a failed start (a bad --model) leaves no
-    # setup behind for the corrected command to be refused against.
-    _atomic_write(info_path, json.dumps(info, indent=2) + "\n")
+    # Nothing is written before the model loaded: a failed start (a bad --model) leaves no setup
+    # behind for the corrected command to be refused against. Rewriting what was loaded drops a
+    # torn last line and superseded failures before appending.
+    out.mkdir(parents=True, exist_ok=True)
+    write_records(out / RESPONSES, records.values())
+    write_items(out / ITEMS, items.values())
+    write_run_record(out / RUN_INFO, info)
     if pending:
-        with responses_path.open("a", encoding="utf-8") as sink, tqdm(
-            total=len(pending), desc="generate", unit="resp", disable=not progress
-        ) as bar:
-            for method, item, key in pending:
-                bar.set_postfix_str(f"{method.name} on {item.benchmark}", refresh=False)
-                try:
-                    record = target.run(method, item, guard=guard_config, options=options)
-                except Exception as err:  # noqa: BLE001 - one failed item must not end a long run: recorded, reported, retried on resume
-                    if raise_errors:
-                        raise
-                    logger.warning("%s failed: %s: %s", key, type(err).__name__, err)
-                    record = ResponseRecord(
-                        key=key, method=method.name, benchmark=item.benchmark, item_id=item.id, safe_item=item.safe,
-                        category=item.category, prompt=item.prompt, image=item.image, error=f"{type(err).__name__}: {err}",
-                    )
-                records[key] = record
-                sink.write(record.model_dump_json() + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
-                bar.update(1)
+        _generate(target, pending, records, out / RESPONSES, guard=guard_config, options=options, progress=progress,
+                  raise_errors=raise_errors)
 
-    judge_records(records, keys, judge_objects, items, save=responses_path, batch_size=judge_batch_size, progress=progress)
-    write_records(responses_path, records.values())
-
+    judge_records(records, keys, judge_objects, items, save=out / RESPONSES, batch_size=judge_batch_size, progress=progress)
+    write_records(out / RESPONSES, records.values())
     selection = [records[k] for k in keys]
     setup_notes = [*target.notes(specs), *override_notes(specs, guard_config)]
     notes = [*setup_notes, *_error_notes(selection)]
-    n_errors = sum(r.error is not None for r in selection)
-    rows = _summarize(selection, [j.name for j in judge_objects])
-    paths = {"responses": responses_path, "items": items_path}
-    _write_outputs(out, rows, notes, paths)
-    info.update(judges=[j.name for j in judge_objects], finished=_now(), generated=len(pending), reused=reused,
-                records=len(selection), errors=n_errors, notes=notes, setup_notes=setup_notes, keys=keys)
-    _atomic_write(info_path, json.dumps(info, indent=2) + "\n")
-    paths["run"] = info_path
+    rows = summarize_selection(selection, [j.name for j in judge_objects])
+    paths = _write_outputs(out, rows, notes)
+    info = info.model_copy(update={
+        "judges": [j.name for j in judge_objects], "finished": now(), "generated": len(pending), "reused": reused,
+        "records": len(selection), "errors": sum(r.error is not None for r in selection), "notes": notes,
+        "setup_notes": setup_notes, "keys": keys,
+    })
+    write_run_record(out / RUN_INFO, info)
     return EvalRun(out_dir=out, records=selection, rows=rows, paths=paths, notes=notes, generated=len(pending), reused=reused)
 
 
@@ -555,19 +331,20 @@ def rejudge(
 
     Each judge adds its verdict to the records that lack one under its name (``force``:
     replaces them); then the results table, plot and ``run.json`` are rewritten over the last
-    run's records (the keys ``run.json`` lists; every record in ``responses.jsonl`` for a
-    run.json without them), failed ones included. The notes are rebuilt, not carried over.
+    run's records (the keys ``run.json`` lists; every record in ``responses.jsonl`` without a
+    run record), failed ones included. The notes are rebuilt, not carried over.
 
     Raises:
         ValueError: ``out_dir`` holds no ``responses.jsonl``, its ``items.jsonl`` is missing or
-            lacks an item (a judge must read the underlying request, not the prompt sent), or a
-            judge spec is bad.
+            lacks an item (a judge must read the underlying request, not the prompt sent), its
+            ``run.json`` is corrupt or foreign (``RunRecordError``), or a judge spec is bad.
 
     Example:
         >>> run = rejudge("runs/table1", ["md-judge:/models/MD-Judge-v0.1"])  # doctest: +SKIP
     """
     out = Path(out_dir)
     responses_path, items_path, info_path = out / RESPONSES, out / ITEMS, out / RUN_INFO
+    info = read_run_record(info_path)  # first: a foreign folder is refused before anything is read or written
     records = load_records(responses_path)
     if not records:
         raise ValueError(f"no saved responses in {responses_path}: run the evaluation first")
@@ -575,33 +352,34 @@ def rejudge(
         # Without the items a judge would read the prompt sent to the model (FigStep's neutral
         # "steps" prompt) instead of the underlying request: wrong verdicts, silently.
         raise ValueError(f"{items_path} is missing: re-judging needs the benchmark items saved with the responses")
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
-    guard = resolve_config(info["guard"]) if info.get("guard") else None
-    items = _load_items(items_path)
+    guard = resolve_config(info.guard) if info is not None else None
+    items = load_items(items_path)
     # The last run's selection when run.json lists it: records an earlier, wider run left in the
     # file are kept there but stay out of this table.
-    listed = info.get("keys")
-    keys = [k for k in listed if k in records] if isinstance(listed, list) and listed else list(records)
+    keys = [k for k in info.keys if k in records] if info is not None and info.keys else list(records)
     if not keys:
         raise ValueError(f"none of the responses listed in {info_path} is saved in {responses_path}")
     missing = sorted({f"{records[k].benchmark}/{records[k].item_id}" for k in keys if (records[k].benchmark, records[k].item_id) not in items})
     if missing:
         raise ValueError(f"{items_path} lacks the item(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
                          "re-judging needs the benchmark items saved with the responses")
-    judge_objects = _resolve_judges(list(judges), _prefix_texts((records[k] for k in keys), guard))
+    judge_objects = resolve_judges(list(judges), prefix_texts((records[k] for k in keys), guard))
     judge_records(records, keys, judge_objects, items, save=responses_path, force=force, batch_size=judge_batch_size, progress=progress)
     write_records(responses_path, records.values())
     selection = [records[k] for k in keys]
-    if "setup_notes" in info:
-        setup = list(info["setup_notes"])
+    earlier_judges = info.judges if info is not None else []
+    if info is None:
+        setup: list[str] = []
+    elif info.setup_notes is not None:
+        setup = list(info.setup_notes)
     else:  # a run.json from before setup notes were kept apart
-        setup = [n for n in info.get("notes", []) if not n.startswith(_DERIVED_NOTE_STARTS) and "failed to generate" not in n]
+        setup = [n for n in info.notes if not n.startswith(_DERIVED_NOTE_STARTS) and "failed to generate" not in n]
     notes = [*setup, *_error_notes(selection)]
-    rows = _summarize(selection, [j.name for j in judge_objects] + list(info.get("judges", [])))
-    paths = {"responses": responses_path, "items": items_path}
-    _write_outputs(out, rows, notes, paths)
-    judged = list(dict.fromkeys([*info.get("judges", []), *(j.name for j in judge_objects)]))
-    info.update(judges=judged, rejudged=_now(), notes=notes)
-    _atomic_write(info_path, json.dumps(info, indent=2) + "\n")
-    paths["run"] = info_path
+    rows = summarize_selection(selection, [j.name for j in judge_objects] + list(earlier_judges))
+    paths = _write_outputs(out, rows, notes)
+    if info is not None:
+        judged = list(dict.fromkeys([*earlier_judges, *(j.name for j in judge_objects)]))
+        write_run_record(info_path, info.model_copy(update={"judges": judged, "rejudged": now(), "notes": notes}))
+    else:
+        paths.pop("run")
     return EvalRun(out_dir=out, records=selection, rows=rows, paths=paths, notes=notes)

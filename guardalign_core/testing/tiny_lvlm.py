@@ -1,4 +1,4 @@
-"""Tiny random-weight vision-language models (LVLMs) for tests, demos and benchmarks.
+"""Tiny random-weight vision-language models (LVLMs) for tests and demos.
 
 What: builders that return ``(model, processor)`` for the LVLM families GuardAlign targets
 (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, InternVL, Idefics3, Mllama),
@@ -17,9 +17,8 @@ sentences. Outputs are meaningless; only shapes, plumbing and numerics are teste
 Random weights readily emit image-placeholder tokens, which break the next decoding step:
 pass ``suppress_tokens=processor.tokenizer.all_special_ids`` to ``generate`` in tests.
 
-Also here: :func:`build_bench_lvlm` (a LLaVA of a chosen size, for CPU benchmarks) and
-:func:`llava_1_5_7b_config` (LLaVA-1.5-7B's published dimensions, for GPU timing with random
-weights).
+The real-size benchmark models (:func:`~guardalign_core.bench_models.build_bench_lvlm`,
+:func:`~guardalign_core.bench_models.llava_1_5_7b_config`) live with the bench code.
 """
 
 from __future__ import annotations
@@ -38,10 +37,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "TINY_FAMILIES",
-    "build_bench_lvlm",
+    "build_chat_template",
     "build_tiny_lvlm",
     "build_tiny_tokenizer",
-    "llava_1_5_7b_config",
+    "special_token_ids",
     "save_tiny_lvlm",
     "tiny_image",
 ]
@@ -72,7 +71,7 @@ _TEXT_DIMS: dict[str, Any] = {
 }
 
 
-def _chat_template(image_markup: str, *, bos: str = "", eot: str = "</s>") -> str:
+def build_chat_template(image_markup: str, *, bos: str = "", eot: str = "</s>") -> str:
     """A small Jinja chat template: role headers, images as ``image_markup``, text as is."""
     return (
         bos
@@ -154,7 +153,8 @@ def build_tiny_tokenizer(
     )
 
 
-def _token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The vocabulary size and bos/eos/pad ids a text config needs to match ``tokenizer``."""
     return {
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
@@ -189,11 +189,11 @@ def _clip_image_processor() -> Any:
 def _llava() -> tuple[PretrainedConfig, ProcessorMixin]:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
 
-    template = _chat_template("<image>\n")
+    template = build_chat_template("<image>\n")
     tok = build_tiny_tokenizer(extra_special_tokens={"image_token": "<image>"}, chat_template=template)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**_clip_vision()),
-        text_config=LlamaConfig(**_TEXT_DIMS, **_token_ids(tok)),
+        text_config=LlamaConfig(**_TEXT_DIMS, **special_token_ids(tok)),
         image_token_index=tok.image_token_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -217,11 +217,11 @@ def _llava_next() -> tuple[PretrainedConfig, ProcessorMixin]:
 
     size = _TINY_IMAGE_SIZE
     pinpoints = [[size, size], [size, 2 * size], [2 * size, size]]
-    template = _chat_template("<image>\n")
+    template = build_chat_template("<image>\n")
     tok = build_tiny_tokenizer(extra_special_tokens={"image_token": "<image>"}, chat_template=template)
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(**_clip_vision()),
-        text_config=LlamaConfig(**_TEXT_DIMS, **_token_ids(tok)),
+        text_config=LlamaConfig(**_TEXT_DIMS, **special_token_ids(tok)),
         image_token_index=tok.image_token_id,
         image_grid_pinpoints=pinpoints,
         vision_feature_layer=-2,
@@ -249,7 +249,7 @@ def _llava_onevision() -> tuple[PretrainedConfig, ProcessorMixin]:
 
     size = _TINY_IMAGE_SIZE
     pinpoints = [[size, size], [size, 2 * size], [2 * size, size]]
-    template = _chat_template("<image>\n", eot="<|im_end|>")
+    template = build_chat_template("<image>\n", eot="<|im_end|>")
     tok = build_tiny_tokenizer(
         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
         additional_special_tokens=["<|im_end|>"],
@@ -258,7 +258,7 @@ def _llava_onevision() -> tuple[PretrainedConfig, ProcessorMixin]:
     vision = {k: v for k, v in _clip_vision().items() if k != "projection_dim"}
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**vision),
-        text_config=Qwen2Config(**_TEXT_DIMS, **_token_ids(tok)),
+        text_config=Qwen2Config(**_TEXT_DIMS, **special_token_ids(tok)),
         image_token_index=tok.image_token_id,
         video_token_index=tok.video_token_id,
         image_grid_pinpoints=pinpoints,
@@ -284,7 +284,7 @@ def _qwen2_vl_parts(version: str) -> tuple[PretrainedConfig, ProcessorMixin]:
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     markup = "<|vision_start|><|image_pad|><|vision_end|>"
-    template = _chat_template(markup, eot="<|im_end|>")
+    template = build_chat_template(markup, eot="<|im_end|>")
     tok = build_tiny_tokenizer(
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
         additional_special_tokens=["<|vision_start|>", "<|vision_end|>", "<|im_end|>"],
@@ -292,7 +292,7 @@ def _qwen2_vl_parts(version: str) -> tuple[PretrainedConfig, ProcessorMixin]:
     )
     # mrope splits the head_dim/2 = 8 rotary frequencies over (temporal, height, width)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    text = {**_TEXT_DIMS, **_token_ids(tok), "rope_parameters": rope}
+    text = {**_TEXT_DIMS, **special_token_ids(tok), "rope_parameters": rope}
     special = {
         "image_token_id": tok.image_token_id,
         "video_token_id": tok.video_token_id,
@@ -343,7 +343,7 @@ def _internvl() -> tuple[PretrainedConfig, ProcessorMixin]:
     from transformers import InternVLVisionConfig, Qwen2Config
 
     size = _TINY_IMAGE_SIZE
-    template = _chat_template("<IMG_CONTEXT>\n", eot="<|im_end|>")
+    template = build_chat_template("<IMG_CONTEXT>\n", eot="<|im_end|>")
     tok = build_tiny_tokenizer(
         extra_special_tokens={
             "start_image_token": "<img>",
@@ -360,7 +360,7 @@ def _internvl() -> tuple[PretrainedConfig, ProcessorMixin]:
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             image_size=[size, size], patch_size=[8, 8],
         ),
-        text_config=Qwen2Config(**_TEXT_DIMS, **_token_ids(tok)),
+        text_config=Qwen2Config(**_TEXT_DIMS, **special_token_ids(tok)),
         image_token_id=tok.context_image_token_id,
         image_seq_length=seq_len,
         downsample_ratio=0.5,
@@ -381,7 +381,7 @@ def _idefics3() -> tuple[PretrainedConfig, ProcessorMixin]:
     from transformers import Idefics3VisionConfig, LlamaConfig
 
     size = _TINY_IMAGE_SIZE
-    template = _chat_template("<image>", eot="<end_of_utterance>")
+    template = build_chat_template("<image>", eot="<end_of_utterance>")
     tags = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
     tags += [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
     tok = build_tiny_tokenizer(
@@ -396,7 +396,7 @@ def _idefics3() -> tuple[PretrainedConfig, ProcessorMixin]:
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             image_size=size, patch_size=8,
         ),
-        text_config=LlamaConfig(**_TEXT_DIMS, **_token_ids(tok)),
+        text_config=LlamaConfig(**_TEXT_DIMS, **special_token_ids(tok)),
         image_token_id=tok.image_token_id,
         scale_factor=scale_factor,
     )
@@ -416,7 +416,7 @@ def _mllama() -> tuple[PretrainedConfig, ProcessorMixin]:
     from transformers import MllamaTextConfig, MllamaVisionConfig
 
     size = _TINY_IMAGE_SIZE
-    template = _chat_template("<|image|>", bos="<|begin_of_text|>", eot="<|eot_id|>")
+    template = build_chat_template("<|image|>", bos="<|begin_of_text|>", eot="<|eot_id|>")
     tok = build_tiny_tokenizer(
         extra_special_tokens={"image_token": "<|image|>"},
         additional_special_tokens=["<|python_tag|>", "<|eot_id|>"],
@@ -430,7 +430,7 @@ def _mllama() -> tuple[PretrainedConfig, ProcessorMixin]:
             num_attention_heads=2, image_size=size, patch_size=8, max_num_tiles=4,
             intermediate_layers_indices=[0], vision_output_dim=64,
         ),
-        text_config=MllamaTextConfig(**text, **_token_ids(tok), cross_attention_layers=[2]),
+        text_config=MllamaTextConfig(**text, **special_token_ids(tok), cross_attention_layers=[2]),
         image_token_index=tok.image_token_id,
     )
     image_processor = MllamaImageProcessor(size={"height": size, "width": size}, max_image_tiles=4)
@@ -519,113 +519,3 @@ def tiny_image(size: int = _TINY_IMAGE_SIZE, *, seed: int = 0) -> Image.Image:
     blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)  # (rows, cols, rgb)
     pixels = np.kron(blocks, np.ones((size // 4 + 1, size // 4 + 1, 1), dtype=np.uint8))[:size, :size]
     return Image.fromarray(pixels)  # uint8 (H, W, 3) is RGB
-
-
-# --------------------------------------------------------------------------- benchmarks
-
-
-def build_bench_lvlm(
-    num_layers: int = 8,
-    hidden: int = 512,
-    *,
-    num_heads: int = 8,
-    num_kv_heads: int | None = None,
-    intermediate: int | None = None,
-    vision_hidden: int = 256,
-    vision_layers: int = 4,
-    image_size: int = 112,
-    patch_size: int = 14,
-    seed: int = 0,
-    attn_implementation: str = "sdpa",
-) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Build a random-weight LLaVA-1.5-style model of a chosen size, for benchmarks.
-
-    Args:
-        num_layers: language decoder layers. Default 8.
-        hidden: language hidden size. Default 512.
-        num_heads: attention heads. Default 8.
-        num_kv_heads: key/value heads (``None``: same as ``num_heads``).
-        intermediate: MLP width (``None``: ``4 * hidden``).
-        vision_hidden: CLIP vision width. Default 256.
-        vision_layers: CLIP vision depth. Default 4.
-        image_size: input pixels per side. Default 112.
-        patch_size: vision patch size. Default 14 (``(112/14)^2 = 64`` image tokens).
-        seed: torch seed.
-        attn_implementation: ``"sdpa"`` or ``"eager"``.
-
-    Returns:
-        ``(model, processor)`` in eval mode, float32, CPU.
-    """
-    import torch
-    from transformers import AutoModelForImageTextToText, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
-    from transformers import LlavaConfig, LlavaProcessor
-
-    template = _chat_template("<image>\n")
-    tok = build_tiny_tokenizer(extra_special_tokens={"image_token": "<image>"}, chat_template=template)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, num_hidden_layers=vision_layers,
-            num_attention_heads=max(1, vision_hidden // 64), image_size=image_size, patch_size=patch_size,
-            projection_dim=vision_hidden,
-        ),
-        text_config=LlamaConfig(
-            hidden_size=hidden, intermediate_size=intermediate or 4 * hidden, num_hidden_layers=num_layers,
-            num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
-            max_position_embeddings=4096, **_token_ids(tok),
-        ),
-        image_token_index=tok.image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=(image_size // patch_size) ** 2,
-    )
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-        ),
-        tokenizer=tok,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=template,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation)
-    model.eval()
-    return model, processor
-
-
-def llava_1_5_7b_config(*, vocab_size: int = 32064, image_token_index: int = 32000) -> PretrainedConfig:
-    """LLaVA-1.5-7B's published dimensions, for timing with random weights (e.g. on a GPU).
-
-    Text: Llama-2-7B (hidden 4096, 32 layers, 32 heads, MLP 11008, vocabulary 32064).
-    Vision: CLIP ViT-L/14 at 336 pixels (hidden 1024, 24 layers, 16 heads, MLP 4096).
-    Projector: 2-layer GELU MLP; features from the second-to-last vision layer, CLS dropped,
-    so 576 image tokens per image.
-
-    Args:
-        vocab_size: text vocabulary. Default 32064 (the released checkpoint's padded size).
-        image_token_index: id of ``<image>``. Default 32000.
-
-    Returns:
-        A ``LlavaConfig``; build the model with ``LlavaForConditionalGeneration(config)``
-        (about 7 B parameters: 14 GB in bfloat16).
-    """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    return LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
-        ),
-        text_config=LlamaConfig(
-            vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-            rms_norm_eps=1e-5, pad_token_id=32001, bos_token_id=1, eos_token_id=2,
-        ),
-        image_token_index=image_token_index,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=576,
-    )

@@ -95,10 +95,71 @@ def test_help_documents_the_spec_syntaxes_and_nothing_imports_langchain():
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_force_without_rejudge_is_an_error(tmp_path, capsys):
-    assert main(["eval", "--force", "--model", "x", "--benchmark", "figstep:/x", "--out", str(tmp_path)]) == 2
+def _one_line_error(capsys, *needles):
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--force only applies with --rejudge" in err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize(("flag", "device", "message"), [
+    ("--device", "banana", "is not a device"), ("--device", "cuda:7", "cuda:7"),
+    ("--clip-device", "banana", "is not a device"), ("--judge-device", "cuda:7", "cuda:7"),
+])
+def test_bad_devices_are_one_line_naming_the_flag(flag, device, message, llava_dir, tmp_path, capsys):
+    args = ["eval", "--model", str(llava_dir), "--benchmark", f"figstep:{shared_data('figstep-tiny')}", "--out", str(tmp_path / "out"),
+            "--no-progress", flag, device]
+    assert main(args) == 2
+    _one_line_error(capsys, flag, message)
+    assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
+
+
+def test_a_missing_checkpoint_is_one_line_naming_the_flag(tmp_path, capsys):
+    missing = tmp_path / "no-such-llava"
+    args = ["--benchmark", f"figstep:{shared_data('figstep-tiny')}", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(["eval", "--model", str(missing), *args]) == 2
+    _one_line_error(capsys, "--model", str(missing), "no such checkpoint folder")
+    not_a_checkpoint = tmp_path / "empty"
+    not_a_checkpoint.mkdir()
+    assert main(["eval", "--model", str(not_a_checkpoint), *args]) == 2
+    _one_line_error(capsys, "--model", "config.json")
+
+
+def test_chat_device_is_the_lvlm_s_and_clip_device_is_clip_s(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-llava")
+    assert main(["chat", "hi", "--model", missing]) == 2
+    _one_line_error(capsys, "--model", "no such checkpoint folder")
+    for flag in ("--device", "--clip-device"):
+        assert main(["chat", "hi", "--model", missing, flag, "banana"]) == 2
+        _one_line_error(capsys, f"{flag} 'banana' is not a device")
+    from guardalign_cli import build_parser
+
+    args = build_parser().parse_args(["chat", "hi", "--model", "m", "--device", "cuda:1", "--clip-device", "cpu"])
+    assert (args.lvlm_device, args.clip_device) == ("cuda:1", "cpu")
+    with pytest.warns(FutureWarning, match="--lvlm-device is deprecated"):
+        old = build_parser().parse_args(["chat", "hi", "--model", "m", "--lvlm-device", "cuda:1"])
+    assert old.lvlm_device == "cuda:1"
+
+
+def test_outputs_of_a_different_run_are_refused_unless_forced(llava_dir, guard_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    figstep = f"figstep:{shared_data('figstep-tiny')}"
+    args = ["eval", "--model", str(llava_dir), "--benchmark", figstep, "--methods", "vanilla", "--out", str(out), "--limit", "1",
+            "--max-new-tokens", "2", "--guard", str(guard_file), "--suppress-special", "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    saved = (out / "responses.jsonl").read_text()
+    other = [a if a != "2" else "3" for a in args]  # another setup: 3 new tokens
+    assert main(other) == 2
+    _one_line_error(capsys, "another setup", "generation options differ", "--force")
+    assert main([*other, "--no-resume"]) == 2  # starting over would overwrite it just the same
+    _one_line_error(capsys, "another setup")
+    assert (out / "responses.jsonl").read_text() == saved
+    assert main([*other, "--force"]) == 0
+    assert "1 generated, 0 resumed" in capsys.readouterr().out
+    (out / "run.json").write_text("{not json")
+    assert main(args) == 2
+    _one_line_error(capsys, "run.json is not a GuardAlign run record")
 
 
 def test_os_errors_and_bad_judge_paths_are_one_line_errors(tmp_path, capsys, monkeypatch):

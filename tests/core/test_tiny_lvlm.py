@@ -9,12 +9,11 @@ import torch
 
 from guardalign_core.calibration import CalibrationConfig, apply_calibration, calibrated, find_prefix_spans
 from guardalign_core.calibration import remove_calibration
+from guardalign_core.bench_models import build_bench_lvlm, llava_1_5_7b_config
 from guardalign_core.testing.tiny_lvlm import (
     TINY_FAMILIES,
-    build_bench_lvlm,
     build_tiny_lvlm,
     build_tiny_tokenizer,
-    llava_1_5_7b_config,
     save_tiny_lvlm,
     tiny_image,
 )

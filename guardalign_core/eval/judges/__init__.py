@@ -12,8 +12,9 @@ Four kinds, all following the :class:`~.items.Judge` protocol (``name`` + ``judg
 Plus :class:`ConstantJudge` for dry runs. Judge prompts and refusal-marker lists are versioned
 data files under ``templates/`` (``md-judge@v1`` is ``templates/md_judge_v1.txt``); each file's
 header says where its text comes from. :func:`get_judge` builds judges from CLI specs
-(``refusal``, ``md-judge:PATH``, ``langchain:PROVIDER:MODEL``) and :func:`register_judge` adds
-custom ones. This module never imports LangChain or transformers at import time.
+(``refusal``, ``md-judge:PATH``; ``langchain:PROVIDER:MODEL`` once
+``guardalign_integrations.langchain.judges`` registered it) and :func:`register_judge` adds
+custom ones. This module never imports LangChain, and transformers only when a judge loads.
 
 Modules: :mod:`.templates` (:class:`JudgeTemplate`, the shipped prompts and marker lists),
 :mod:`.parsing` (:func:`parse_judge_output`), :mod:`.refusal`, :mod:`.model_judges`

@@ -18,10 +18,6 @@ def _is_transformers_available() -> bool:
     return _is_available("transformers")
 
 
-def _is_langchain_available() -> bool:
-    return _is_available("langchain")
-
-
 def _check_lengths(items: Sequence[EvalItem], responses: Sequence[str]) -> None:
     if len(items) != len(responses):
         raise ValueError(f"items and responses must have the same length, got {len(items)} and {len(responses)}")

@@ -1,4 +1,11 @@
-"""Judge specs: :func:`get_judge` builds a judge from a CLI spec, :func:`register_judge` adds custom kinds."""
+"""Judge specs: :func:`get_judge` builds a judge from a CLI spec, :func:`register_judge` adds custom kinds.
+
+The core registers the judges it can build alone (``refusal``, ``md-judge``, ``constant``).
+Judges that need a framework register themselves from their adapter package when it is
+imported: ``import guardalign_integrations.langchain.judges`` adds ``langchain:PROVIDER:MODEL``
+(the ``guardalign`` command line imports it when LangChain is installed). The core never
+imports a framework or an adapter, not even lazily.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..items import Judge
-from ._common import _is_langchain_available
 from .constant import ConstantJudge
-from .model_judges import ChatModelJudge, HFJudge
+from .model_judges import HFJudge
 from .refusal import RefusalJudge
 
 __all__ = ["get_judge", "list_judges", "register_judge"]
@@ -21,7 +27,8 @@ JudgeFactory = Callable[..., Judge]
 """Builds a judge from the part of a spec after the first ``:`` (None if absent) and keyword arguments."""
 
 _REGISTRY: dict[str, JudgeFactory] = {}
-_CHAT_JUDGE_KWARGS = ("template", "name", "batch_size")
+# Kinds that adapter packages register: named in the error for an unregistered spec, never imported from here.
+_ADAPTER_JUDGES = {"langchain": "guardalign_integrations.langchain.judges (needs guardalign[langchain])"}
 
 
 def register_judge(name: str, factory: JudgeFactory, *, overwrite: bool = False) -> None:
@@ -67,11 +74,9 @@ def get_judge(spec: str, **kwargs: Any) -> Judge:
 
     Default names carry the judge's settings, so two different judges of one kind never share a
     verdict key: ``refusal`` (default markers) or ``refusal[MARKERS]``,
-    ``md-judge@v1:MODEL_ID_OR_PATH``, ``constant:unsafe,refused``, ``<template>:<model>`` for
-    ``langchain:``. Pass ``name=`` to choose another.
-        - ``langchain:PROVIDER:MODEL`` (e.g. ``langchain:openai:gpt-4o-mini``): :class:`ChatModelJudge`
-          around ``langchain.chat_models.init_chat_model("PROVIDER:MODEL")``. ``template``, ``name``
-          and ``batch_size`` go to the judge, every other keyword to ``init_chat_model``.
+    ``md-judge@v1:MODEL_ID_OR_PATH``, ``constant:unsafe,refused``. Pass ``name=`` to choose another.
+        - ``langchain:PROVIDER:MODEL`` once ``guardalign_integrations.langchain.judges`` is imported
+          (a :class:`~.model_judges.ChatModelJudge` around ``init_chat_model``).
         - ``constant:FLAGS`` with FLAGS among ``unsafe|safe``, ``refused|complied`` joined by ``,``:
           :class:`ConstantJudge` (dry runs).
         - any name added with :func:`register_judge`.
@@ -84,8 +89,8 @@ def get_judge(spec: str, **kwargs: Any) -> Judge:
         The judge.
 
     Raises:
-        ValueError: on an unknown or malformed spec.
-        ImportError: for ``langchain:`` when LangChain is not installed.
+        ValueError: on an unknown or malformed spec (for an adapter's kind that is not
+            registered, the message names the module that registers it).
 
     Example:
         >>> get_judge("refusal", ignore_prefixes=["As an AI assistant, "]).name
@@ -102,7 +107,8 @@ def get_judge(spec: str, **kwargs: Any) -> Judge:
         head = "md-judge"
     factory = _REGISTRY.get(head)
     if factory is None:
-        raise ValueError(f"unknown judge {head!r} in spec {spec!r}; known: {list_judges()}")
+        hint = f"; import {_ADAPTER_JUDGES[head]} to register it" if head in _ADAPTER_JUDGES else ""
+        raise ValueError(f"unknown judge {head!r} in spec {spec!r}; known: {list_judges()}{hint}")
     judge = factory(arg if sep else None, **kwargs)
     if not isinstance(judge, Judge):
         raise TypeError(f"judge factory for {head!r} returned {type(judge).__name__}, which is not a Judge")
@@ -129,22 +135,6 @@ def _md_judge_factory(arg: str | None, **kwargs: Any) -> Judge:
     return HFJudge(model_id, **kwargs)
 
 
-def _langchain_factory(arg: str | None, **kwargs: Any) -> Judge:
-    if not arg:
-        raise ValueError(
-            "langchain judge spec needs a model: 'langchain:PROVIDER:MODEL', e.g. 'langchain:openai:gpt-4o-mini'"
-        )
-    if not _is_langchain_available():
-        raise ImportError(
-            "the 'langchain:' judge needs LangChain and the provider's package: "
-            "pip install guardalign[agents] langchain-<provider>"
-        )
-    from langchain.chat_models import init_chat_model
-
-    judge_kwargs = {k: kwargs.pop(k) for k in _CHAT_JUDGE_KWARGS if k in kwargs}
-    return ChatModelJudge(init_chat_model(arg, **kwargs), **judge_kwargs)
-
-
 _CONSTANT_FLAGS = {
     "unsafe": ("unsafe", True),
     "safe": ("unsafe", False),
@@ -168,5 +158,4 @@ def _constant_factory(arg: str | None, **kwargs: Any) -> Judge:
 
 register_judge("refusal", _refusal_factory)
 register_judge("md-judge", _md_judge_factory)
-register_judge("langchain", _langchain_factory)
 register_judge("constant", _constant_factory)

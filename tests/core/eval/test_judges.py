@@ -456,7 +456,8 @@ def registry(monkeypatch):
 
 
 def test_get_judge_builtin_specs(tmp_path) -> None:
-    assert list_judges() == ["constant", "langchain", "md-judge", "refusal"]
+    # The core registers what it builds alone; "langchain" comes from the adapter package when imported.
+    assert {"constant", "md-judge", "refusal"} <= set(list_judges())
     refusal = get_judge("refusal", ignore_prefixes=[PREFIX])
     assert isinstance(refusal, RefusalJudge) and refusal.ignore_prefixes == (PREFIX,)
     eta = get_judge("refusal:refusal-markers-eta@v1")
@@ -471,37 +472,16 @@ def test_get_judge_builtin_specs(tmp_path) -> None:
     )
 
 
-def test_get_judge_errors() -> None:
+def test_get_judge_errors(registry) -> None:
+    judges.registry._REGISTRY.pop("langchain", None)  # as in a process that never imported the adapter
     with pytest.raises(ValueError, match=r"unknown judge 'gpt4'.*known"):
         get_judge("gpt4")
     with pytest.raises(ValueError, match="non-empty"):
         get_judge("  ")
-    with pytest.raises(ValueError, match="PROVIDER:MODEL"):
-        get_judge("langchain")
+    with pytest.raises(ValueError, match=r"unknown judge 'langchain'.*import guardalign_integrations\.langchain\.judges"):
+        get_judge("langchain:openai:gpt-4o-mini")
     with pytest.raises(ValueError, match="flags"):
         get_judge("constant:maybe")
-
-
-def test_get_judge_langchain_missing_is_a_clear_error(monkeypatch) -> None:
-    monkeypatch.setattr(judges.registry, "_is_langchain_available", lambda: False)
-    with pytest.raises(ImportError, match=r"pip install guardalign\[agents\]"):
-        get_judge("langchain:openai:gpt-4o-mini")
-
-
-def test_get_judge_langchain_builds_through_init_chat_model(monkeypatch) -> None:
-    chat_models = pytest.importorskip("langchain.chat_models")
-    seen = {}
-
-    def fake_init(model, **kwargs):
-        seen.update(model=model, **kwargs)
-        return StubChatModel(["safe"])
-
-    monkeypatch.setattr(judges.registry, "_is_langchain_available", lambda: True)
-    monkeypatch.setattr(chat_models, "init_chat_model", fake_init)
-    judge = get_judge("langchain:openai:gpt-4o-mini", temperature=0, batch_size=3, template="md-judge@v2")
-    assert isinstance(judge, ChatModelJudge)
-    assert seen == {"model": "openai:gpt-4o-mini", "temperature": 0}
-    assert judge.batch_size == 3 and judge.template.spec == "md-judge@v2"
 
 
 def test_register_judge(registry) -> None:

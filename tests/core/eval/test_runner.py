@@ -1,31 +1,29 @@
 """The evaluation runner end to end: tiny random LVLM + tiny CLIP on FigStep-Tiny and benign photos.
 
 The numbers mean nothing (random weights); the plumbing is what is tested: one row per method ×
-benchmark, complete per-item records, resume, re-judging, and the black-box fallback.
+benchmark, complete per-item records, resume, re-judging, the typed run record and the refusal
+to overwrite another run. The black-box target is tested with the LangChain adapter it goes
+through (tests/integrations/langchain/test_langchain_eval_target.py).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import shared_data
 from PIL import Image
 
-from guardalign_core.config import DEFAULT_SAFETY_INSTRUCTION, GuardConfig, PolicyConfig, PrefixConfig
+from guardalign_core.config import GuardConfig
 from guardalign_core.eval import (
-    ChatModelTarget,
     ConstantJudge,
     LocalTarget,
     MethodSpec,
     ResultRow,
-    build_chat_messages,
+    RunRecordError,
     get_method,
     load_benchmark,
     load_records,
@@ -34,9 +32,8 @@ from guardalign_core.eval import (
     rejudge,
     run_eval,
 )
-from guardalign_core.eval.methods import DEFAULT_REFUSAL, method_guard_config
-from guardalign_core.guard import SafetyPrompt
-from guardalign_core.images import load_image
+from guardalign_core.eval.methods import method_guard_config
+from guardalign_core.eval.targets import DEFAULT_REFUSAL
 from guardalign_core.lvlm import GenerationOptions, LocalLVLM
 from guardalign_core.testing.tiny_clip import tiny_detector_config
 from guardalign_core.testing.tiny_lvlm import save_tiny_lvlm
@@ -146,16 +143,6 @@ def test_method_guard_config_overrides_only_the_method_fields(guard):
     config = method_guard_config(get_method("eta"), guard)
     assert config.detector.kind == "cosine" and config.policy.action == "flag" and config.prefix.policy == "when_unsafe"
     assert config.detector.cosine_threshold == guard.detector.cosine_threshold and config.prefix.text == guard.prefix.text
-
-
-def test_build_chat_messages_shapes():
-    image = Image.new("RGB", (8, 8), "red")
-    plain = build_chat_messages("Hi", image, SafetyPrompt())
-    assert [m["role"] for m in plain] == ["user"]
-    url = plain[0]["content"][1]["image_url"]["url"]
-    assert url.startswith("data:image/png;base64,")
-    prefill = build_chat_messages("Hi", None, SafetyPrompt(applied=True, system_instruction="Be safe.", prefill=PREFIX))
-    assert [m["role"] for m in prefill] == ["system", "user", "assistant"] and prefill[-1]["content"] == PREFIX
 
 
 # -- end to end ---------------------------------------------------------------------------------
@@ -298,85 +285,6 @@ def test_block_variant_and_failed_items(lvlm, guard, benchmarks, tmp_path):
     assert retry.generated == [failed.key]
 
 
-# -- black-box fallback -------------------------------------------------------------------------
-
-
-class StubChat:
-    """A chat model stand-in: records the dict messages it receives, always refuses."""
-
-    model_name = "stub-chat"
-
-    def __init__(self):
-        self.calls: list[list[dict]] = []
-
-    def invoke(self, messages):
-        self.calls.append(messages)
-        return SimpleNamespace(content="I cannot help with that.", usage_metadata={"input_tokens": 11, "output_tokens": 5})
-
-
-def _decode_data_url(url: str) -> np.ndarray:
-    header, data = url.split(",", 1)
-    assert header == "data:image/png;base64"
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
-
-
-def test_black_box_masks_prompts_and_marks_calibration_prompt_only(guard, tmp_path):
-    from guardalign_core.detector import create_detector
-
-    figstep = shared_data("figstep-tiny")
-    image = str(figstep / "query_ForbidQI_1_1_6.png")
-    # τ at the median patch score: some patches masked, some kept, so the comparison means something.
-    scores = np.asarray(create_detector(guard, policy=PolicyConfig(action="flag")).scan([image])[0].statistic)
-    config = guard.model_copy(update={"detector": guard.detector.model_copy(update={"threshold": float(np.median(scores))})})
-    chat = StubChat()
-    target = ChatModelTarget(chat)
-    run = run_eval(target, [f"figstep:{figstep}"], ALL, ["refusal"], out_dir=tmp_path, guard=config, limit=1, progress=False)
-    assert len(chat.calls) == 5 and target.model_id == "stub-chat"
-    sent = dict(zip(ALL, chat.calls))
-
-    expected = np.asarray(create_detector(config).scan([image])[0].masked_image)
-    original = np.asarray(load_image(image))
-    for name in ("ot", "guardalign"):
-        got = _decode_data_url(sent[name][-1]["content"][1]["image_url"]["url"])
-        assert np.array_equal(got, expected)
-    assert not np.array_equal(expected, original) and expected.any()  # partly masked
-    for name in ("vanilla", "calibration", "eta"):  # eta flags but does not mask
-        assert np.array_equal(_decode_data_url(sent[name][-1]["content"][1]["image_url"]["url"]), original)
-
-    for name in ("eta", "calibration", "guardalign"):
-        system = sent[name][0]
-        assert system["role"] == "system" and DEFAULT_SAFETY_INSTRUCTION in system["content"]
-        assert 'Begin your answer with "As an AI assistant,"' in system["content"]
-    for name in ("vanilla", "ot"):
-        assert [m["role"] for m in sent[name]] == ["user"]
-
-    records = {r.method: r for r in run.records}
-    for name in ("calibration", "guardalign"):
-        g = records[name].guard
-        assert g["prompt_only"] and g["calibration"] is None and g["calibration_requested"]
-        assert "black-box" in g["calibration_unavailable"] and g["prefix_delivery"] == "instruction"
-    assert records["vanilla"].guard["calibration_unavailable"] is None and records["vanilla"].decision is None
-    assert records["ot"].decision == "mask" and records["eta"].decision == "flag"
-    assert all(r.verdicts["refusal"].refused and r.input_tokens == 11 and r.output_tokens == 5 for r in run.records)
-    assert any("calibration is unavailable on a black-box model: calibration, guardalign" in n for n in run.notes)
-    info = json.loads((tmp_path / "run.json").read_text())
-    assert info["target"] == "black-box" and any("black-box" in n for n in info["notes"])
-
-
-def test_black_box_prefill_keeps_the_prefix_and_block_skips_the_call(guard, tmp_path):
-    figstep = shared_data("figstep-tiny")
-    config = guard.model_copy(update={"prefix": PrefixConfig(prefill=True)})
-    chat = StubChat()
-    block = MethodSpec(name="ot-block", detector="ot", action="block")
-    run = run_eval(ChatModelTarget(chat), [f"figstep:{figstep}"], [get_method("guardalign"), block], [], out_dir=tmp_path,
-                   guard=config, limit=1, progress=False)
-    assert len(chat.calls) == 1  # the blocked request never reached the model
-    assert chat.calls[0][-1] == {"role": "assistant", "content": PREFIX}
-    full, blocked = run.records
-    assert full.response == PREFIX + "I cannot help with that." and full.guard["prefix_delivery"] == "prefill"
-    assert blocked.response == DEFAULT_REFUSAL and blocked.decision == "block"
-
-
 def test_block_method_with_custom_refusal_counts_as_refused(lvlm, guard, benchmarks, tmp_path):
     block = MethodSpec(name="ot-block-x", detector="ot", action="block", description="OT, block unsafe images")
     target = LocalTarget(lvlm, suppress_special_tokens=True, refusal="Request blocked by the image guard.")
@@ -504,17 +412,6 @@ def test_an_undecodable_image_is_an_error_for_every_method(lvlm, guard, tmp_path
         assert [row.n_errors for row in run.rows] == [1] * len(methods)
 
 
-def test_an_undecodable_image_is_an_error_for_every_method_on_a_black_box_model(guard, tmp_path):
-    folder = tmp_path / "broken"
-    folder.mkdir()
-    (folder / "bad.png").write_text("not an image at all", encoding="utf-8")
-    (folder / "items.csv").write_text("id,image,prompt,safe\nbad,bad.png,Describe this image.,false\n", encoding="utf-8")
-    chat = StubChat()
-    run = run_eval(ChatModelTarget(chat), [load_benchmark(f"folder:{folder}", name="broken")], ["vanilla", "eta", "ot"], ["refusal"],
-                   out_dir=tmp_path / "out", guard=guard, progress=False)
-    assert len({r.error for r in run.records}) == 1 and run.records[0].error and chat.calls == []
-
-
 def test_rejudge_keeps_to_the_runs_keys_rebuilds_notes_and_needs_the_items(full_run, lvlm, guard, benchmarks, tmp_path):
     run, _ = full_run
     out = _copy_run(run, tmp_path)
@@ -539,7 +436,7 @@ def test_rejudge_keeps_to_the_runs_keys_rebuilds_notes_and_needs_the_items(full_
 def test_atomic_writes_get_the_umask_mode(tmp_path):
     import os
 
-    from guardalign_core.eval.runner import write_records
+    from guardalign_core.eval.store import write_records
 
     old = os.umask(0o022)
     try:
@@ -547,3 +444,108 @@ def test_atomic_writes_get_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+# -- the run record and the output folder --------------------------------------------------------
+
+
+class EchoTarget:
+    """A model-free target: answers every item with a fixed refusal, so folder handling is tested in milliseconds."""
+
+    kind = "local"
+
+    def __init__(self, model_id: str = "echo"):
+        self._model_id = model_id
+        self.generated: list[str] = []
+
+    @property
+    def model_id(self):
+        return self._model_id
+
+    def warm_up(self, methods, guard, *, item=None):
+        pass
+
+    def notes(self, methods):
+        return []
+
+    def settings(self):
+        return {"echo": True}
+
+    def run(self, method, item, *, guard, options):
+        from guardalign_core.eval.targets import new_record
+
+        self.generated.append(f"{method.name}/{item.benchmark}/{item.id}")
+        return new_record(method, item, response="I cannot help with that.", seconds=0.001)
+
+
+@pytest.fixture
+def echo_bench(benign_dir):
+    return [load_benchmark(f"folder:{benign_dir}", name="benign")]
+
+
+def _echo_run(out, echo_bench, *, model_id="echo", **kwargs):
+    target = EchoTarget(model_id)
+    run = run_eval(target, echo_bench, ["vanilla"], ["refusal"], out_dir=out, progress=False, **kwargs)
+    return run, target
+
+
+def test_run_json_is_a_typed_record_read_back_validated(echo_bench, tmp_path):
+    from guardalign_core.eval.store import RunRecord, read_run_record
+
+    run, _ = _echo_run(tmp_path / "out", echo_bench)
+    record = read_run_record(tmp_path / "out" / "run.json")
+    assert isinstance(record, RunRecord) and record.format == "guardalign-eval-run"
+    assert record.model == "echo" and record.methods["vanilla"] == get_method("vanilla")
+    assert record.keys == [r.key for r in run.records] and record.records == 3 and record.errors == 0
+    assert [(b.name, b.items) for b in record.benchmarks] == [("benign", 3)]
+
+
+@pytest.mark.parametrize("content", [
+    '{"model": "echo", "methods": {',  # cut short by a crash
+    '{"name": "my-web-app", "version": "3.1.0", "dependencies": {}}',  # another program's run.json
+    '{"format": "someone-elses-run", "model": "echo"}',
+    '[1, 2, 3]',
+])
+def test_a_corrupt_or_foreign_run_json_is_refused_with_a_clear_error(echo_bench, tmp_path, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(content)
+    target = EchoTarget()
+    with pytest.raises(RunRecordError, match=r"run\.json is not (a|a valid) GuardAlign run record"):
+        run_eval(target, echo_bench, ["vanilla"], ["refusal"], out_dir=out, progress=False)
+    assert target.generated == [] and (out / "run.json").read_text() == content  # nothing ran, nothing was replaced
+    (out / "responses.jsonl").write_text(json.dumps({"key": "x"}) + "\n")
+    with pytest.raises(RunRecordError):
+        rejudge(out, ["refusal"], progress=False)
+
+
+def test_another_runs_outputs_are_never_overwritten_silently(echo_bench, tmp_path):
+    out = tmp_path / "out"
+    _echo_run(out, echo_bench, model_id="model-a")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # A different model into the same folder: refused whether resuming or starting over.
+    for resume in (True, False):
+        with pytest.raises(ValueError, match=r"holds a run with another setup \(model 'model-a' vs 'model-b'\).*--force"):
+            _echo_run(out, echo_bench, model_id="model-b", resume=resume)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Said explicitly, the other run is replaced, not mixed in.
+    run, target = _echo_run(out, echo_bench, model_id="model-b", overwrite=True)
+    assert len(target.generated) == 3 and run.reused == 0
+    assert json.loads((out / "run.json").read_text())["model"] == "model-b"
+    assert len(load_records(out / "responses.jsonl")) == 3
+
+
+def test_outputs_without_a_run_record_are_not_claimed(echo_bench, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text("someone's results\n")
+    with pytest.raises(ValueError, match=r"holds results\.csv but no run record"):
+        _echo_run(out, echo_bench)
+    assert (out / "results.csv").read_text() == "someone's results\n"
+    run, _ = _echo_run(out, echo_bench, overwrite=True)
+    assert run.generated == 3 and (out / "run.json").is_file()
+    # The same setup again resumes (nothing regenerated) and --no-resume starts it over.
+    again, target = _echo_run(out, echo_bench)
+    assert target.generated == [] and again.reused == 3
+    fresh, target = _echo_run(out, echo_bench, resume=False)
+    assert len(target.generated) == 3

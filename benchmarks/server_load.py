@@ -11,9 +11,11 @@ What it does, in one run:
    time to the first streamed chunk, reported as medians, the per-round paired differences
    (median and interquartile range); the floor is what one extra loopback HTTP hop costs with
    this stack, i.e. the least any gateway built on it can add. Then a one-image request: the
-   gateway's added cost (gateway minus direct, same body) against the core guard alone on the
-   same image (read, decode, scan, policy; in this process, same guard file, same torch thread
-   count), interleaved image by image, every image a distinct variant (no verdict reuse);
+   gateway's added cost (gateway minus direct, same body; and gateway minus floor, i.e. beyond
+   the extra hop that carries the 1 MB body) against the core guard alone on the same image
+   (the same data URL, read, decode, scan, policy, memory; in this process on a worker thread
+   as the gateway runs it, same guard file, same torch thread count), interleaved image by
+   image, every image a distinct variant (no verdict reuse);
 3. load: ``--requests`` mixed requests (text, streamed text, one image) at ``--concurrency``,
    counting every status (anything but 200 and a deliberate 429 is an error), p50/p99
    latency and requests/s, and the gateway's resident memory before and after.
@@ -159,11 +161,13 @@ def interleaved(measure, client: httpx.Client, urls: dict[str, str], content: by
 
 
 def overhead_report(times: dict[str, list[float]]) -> dict:
-    """Medians per target and the per-round differences to ``direct`` (median, IQR)."""
+    """Medians per target and the per-round differences to ``direct`` and to the floor (median, IQR)."""
     out: dict = {name: spread(values) for name, values in times.items()}
     for name in times:
         if name != "direct":
             out[f"{name}_minus_direct"] = spread([a - b for a, b in zip(times[name], times["direct"])])
+        if name not in ("direct", "floor"):
+            out[f"{name}_minus_floor"] = spread([a - b for a, b in zip(times[name], times["floor"])])
     return out
 
 
@@ -223,23 +227,29 @@ def image_variants(data: bytes, n: int) -> list[bytes]:
     return out
 
 
-def detector_alone(guard_file: str, warm: bytes):
-    """A function timing the core guard alone on one image in this process: read, decode, scan, policy (no HTTP).
+def detector_alone(guard_file: str, warm: str):
+    """A function timing the core guard alone on one image: read, decode, scan, policy, memory (no HTTP).
 
-    The same work the gateway's screening step does for a one-image request, on the same
-    guard file; ``reuse=False`` so no verdict comes from memory.
+    The same work the gateway's screening step does for a one-image request: the same guard
+    file, the image as the same data URL string (so the base64 decode counts on both sides),
+    the verdict remembered as the gateway remembers it, and run on a worker thread as the
+    gateway runs it (``run_in_threadpool``): under CPU contention a scan on the main thread
+    and one on a worker thread were measured to differ by up to 2.6× in one process.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from guardalign_core.guard import ContentImage, ImageGuard
 
     guard = ImageGuard(guard_file)
-    guard.screen([ContentImage("warm-up", source=warm)], reuse=False)
+    worker = ThreadPoolExecutor(1, thread_name_prefix="guard-alone")
 
-    def measure(data: bytes) -> float:
+    def scan(url: str) -> float:
         t0 = time.perf_counter()
-        guard.screen([ContentImage("image", source=data)], reuse=False)
+        guard.screen([ContentImage("image", source=url, mime="image/png")])
         return (time.perf_counter() - t0) * 1000
 
-    return measure
+    worker.submit(scan, warm).result()
+    return lambda url: worker.submit(scan, url).result()
 
 
 def pin(pid: int, cpu: int | None) -> None:
@@ -256,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-rounds", type=int, default=40, help="rounds of the one-image measurement (distinct images)")
     parser.add_argument("--pin", action="store_true", help="pin the upstream to CPU 0 and the gateway, floor proxy and client to CPU 1")
     parser.add_argument("--skip-load", action="store_true", help="only the overhead measurements")
+    parser.add_argument("--baseline-tree", default=None, metavar="DIR",
+                        help="also start the gateway of another checkout (e.g. `git archive` of an older commit) and measure it "
+                        "in the same interleaved rounds, as 'baseline'")
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
     parser.add_argument("--guard", default=None, help="guard preset/file (default: the tiny random CLIP)")
     parser.add_argument("--out", default=None)
@@ -287,21 +300,31 @@ def main(argv: list[str] | None = None) -> int:
     floor = subprocess.Popen([sys.executable, __file__, "--serve-floor", str(floor_port), upstream_base + "/"], env=env)
     gateway = subprocess.Popen([sys.executable, "-m", "guardalign_integrations.server.cli", "--upstream", upstream_base,
                                 "--guard", guard_file, "--port", str(gw_port), "--log-level", "warning"], env=env)
+    servers = [gateway, floor, upstream]
+    base_port = free_port()
+    if args.baseline_tree:
+        tree = str(Path(args.baseline_tree).resolve())
+        servers.insert(0, subprocess.Popen([sys.executable, "-m", "guardalign_integrations.server.cli", "--upstream", upstream_base,
+                                            "--guard", guard_file, "--port", str(base_port), "--log-level", "warning"],
+                                           env={**env, "PYTHONPATH": tree}, cwd=tree))
     import torch
 
     report: dict = {"image": IMAGE.name, "image_bytes": len(data), "guard": "tiny-random CLIP" if args.guard is None else args.guard,
                     "pinned": args.pin, "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
     if args.pin:
         pin(upstream.pid, 0)
-        for proc in (floor, gateway):
+        for proc in servers[:-1]:
             pin(proc.pid, 1)
         pin(os.getpid(), 1)
     try:
         wait_http(f"http://127.0.0.1:{up_port}/v1/models", upstream)
         wait_http(f"http://127.0.0.1:{gw_port}/readyz", gateway)
         wait_http(f"http://127.0.0.1:{floor_port}/v1/chat/completions", floor, method="POST")
-        urls = {name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in
-                (("direct", up_port), ("floor", floor_port), ("gateway", gw_port))}
+        targets = [("direct", up_port), ("floor", floor_port), ("gateway", gw_port)]
+        if args.baseline_tree:
+            wait_http(f"http://127.0.0.1:{base_port}/readyz", servers[0])
+            targets.append(("baseline", base_port))
+        urls = {name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in targets}
         text, stream = json.dumps(text_body()).encode(), json.dumps(text_body(stream=True)).encode()
         with httpx.Client(timeout=60) as client:
             interleaved(request_ms, client, urls, text, 50)  # warm every path (connections, caches)
@@ -319,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             report["warm_run_statuses"] = warm_run["statuses"]
             report["gateway_rss_mb"] = {"before": round(before, 1), "after": round(after, 1), "growth": round(after - before, 1)}
     finally:
-        for proc in (gateway, floor, upstream):
+        for proc in servers:
             proc.terminate()
             try:
                 proc.wait(timeout=30)
@@ -341,26 +364,37 @@ def one_image(client: httpx.Client, urls: dict[str, str], guard_file: str, data:
     """One image: the gateway's added cost (gateway minus direct, same body) against the guard alone on that image.
 
     Each round uses a distinct variant of the image (one pixel changed: same scan cost, no
-    verdict from memory) for all three, in a rotating order, pre-serialised bodies.
+    verdict from memory), in a rotating order, pre-serialised bodies.
     """
-    variants = image_variants(data, rounds + 1)
-    alone = detector_alone(guard_file, variants[-1])
-    bodies = [json.dumps(image_body("data:image/png;base64," + base64.b64encode(v).decode())).encode() for v in variants[:-1]]
+    variants = image_variants(data, 2 * rounds + 1)
+    image_urls = ["data:image/png;base64," + base64.b64encode(v).decode() for v in variants]
+    alone = detector_alone(guard_file, image_urls[-1])
+    bodies = [json.dumps(image_body(url)).encode() for url in image_urls[:rounds]]
     request_ms(client, urls["gateway"], json.dumps(image_body("data:image/png;base64," + base64.b64encode(data).decode())).encode())
-    times: dict[str, list[float]] = {"direct": [], "gateway": [], "guard_alone": []}
     steps = {"direct": lambda i: request_ms(client, urls["direct"], bodies[i]),
+             "floor": lambda i: request_ms(client, urls["floor"], bodies[i]),
              "gateway": lambda i: request_ms(client, urls["gateway"], bodies[i]),
-             "guard_alone": lambda i: alone(variants[i])}
+             "guard_alone": lambda i: alone(image_urls[rounds + i])}  # a variant of its own: its memory is separate anyway
+    if "baseline" in urls:
+        steps["baseline"] = lambda i: request_ms(client, urls["baseline"], bodies[i])
+    times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for i in range(rounds):
         for k in range(len(names)):
             name = names[(i + k) % len(names)]
             times[name].append(steps[name](i))
-    added = [g - d for g, d in zip(times["gateway"], times["direct"])]
-    ratios = [a / s for a, s in zip(added, times["guard_alone"])]
-    decision = client.post(urls["gateway"], content=bodies[0], headers={"content-type": "application/json"}).headers.get("x-guardalign-decision")
-    return {**{name: spread(values) for name, values in times.items()}, "gateway_minus_direct": spread(added),
-            "added_over_alone_ratio": spread(ratios), "decision": decision}
+    report: dict = {name: spread(values) for name, values in times.items()}
+    report["floor_minus_direct"] = spread([f - d for f, d in zip(times["floor"], times["direct"])])
+    for name in [n for n in times if n in ("gateway", "baseline")]:
+        added = [g - d for g, d in zip(times[name], times["direct"])]
+        report[f"{name}_minus_direct"] = spread(added)
+        report[f"{name}_added_over_alone_ratio"] = spread([a / s for a, s in zip(added, times["guard_alone"])])
+        # what the gateway adds beyond one more HTTP hop carrying the same body, against the guard's own work
+        beyond = [g - f for g, f in zip(times[name], times["floor"])]
+        report[f"{name}_minus_floor"] = spread(beyond)
+        report[f"{name}_beyond_hop_over_alone_ratio"] = spread([b / s for b, s in zip(beyond, times["guard_alone"])])
+    report["decision"] = client.post(urls["gateway"], content=bodies[0], headers={"content-type": "application/json"}).headers.get("x-guardalign-decision")
+    return report
 
 
 if __name__ == "__main__":

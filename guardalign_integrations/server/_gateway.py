@@ -152,7 +152,7 @@ async def forward(state: Any, request: Request, raw: bytes, body: dict[str, Any]
         else:
             data = with_guardalign_field(data, summary)
     return Response(data, status_code=response.status_code, headers=out_headers,
-                    media_type=response.headers.get("content-type", "application/json"))
+                    media_type=out_headers.get("content-type", "application/json"))
 
 
 def with_guardalign_field(data: bytes, summary: dict[str, Any]) -> bytes:

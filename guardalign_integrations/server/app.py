@@ -10,6 +10,7 @@ model) in the background; ``/readyz`` says ready when it is done.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import io
 import logging
@@ -148,6 +149,11 @@ class ServerState:
             self.warm_error = f"{type(err).__name__}: {err}"
             logger.error("warm-up failed: %s", self.warm_error)
             return
+        if self.config.gc_freeze:
+            # torch and the models leave ~350k tracked objects: every full collection walked them
+            # (measured ~95 µs of CPU per text request, amortised, and the latency tail)
+            gc.collect()
+            gc.freeze()
         self.ready.set()
         logger.info("guardalign server ready (%s mode)", self.config.mode)
 
@@ -293,6 +299,8 @@ def create_app(config: ServerConfig, *, guard: ImageGuard | None = None, pipelin
             await asyncio.get_running_loop().run_in_executor(None, state.batcher.close)
             if state.upstream is not None:
                 await state.upstream.aclose()
+            if config.gc_freeze:
+                gc.unfreeze()  # an embedding process (tests, notebooks) gets its collector back
 
     app = FastAPI(title="GuardAlign", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.guardalign = state

@@ -202,3 +202,14 @@ def test_upstream_key_server_mode_and_passthrough(make_guard):
         assert gateway.forwarded()[-1]["headers"]["authorization"] == "Bearer caller-upstream-key"
         caller.models.list()
         assert gateway.record.requests[-1]["headers"]["authorization"] == "Bearer caller-upstream-key"
+
+
+def test_collector_frozen_while_serving_and_given_back_at_shutdown(make_guard):
+    import gc
+
+    gc.unfreeze()
+    with run_gateway(make_guard(NONE_UNSAFE)):
+        assert gc.get_freeze_count() > 0  # the models' objects are out of the collector's walk on the request path
+    assert gc.get_freeze_count() == 0  # an embedding process gets its collector back
+    with run_gateway(make_guard(NONE_UNSAFE), gc_freeze=False):
+        assert gc.get_freeze_count() == 0

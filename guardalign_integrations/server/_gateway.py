@@ -28,14 +28,33 @@ from ._openai_content import ContentError, ScreenedBody, decision_header, screen
 DECISION_HEADER = "x-guardalign-decision"
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _DuplicateKey()
+    return out
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body.
+    """The JSON object of a request body; an object with a repeated key is refused.
+
+    Why refuse duplicates: an unchanged body is forwarded as the bytes that came in, and JSON
+    parsers disagree on which copy of a repeated key wins. ``{"messages": [image], "messages":
+    [text]}`` would be screened as text here (Python keeps the last copy) and read with the
+    image by an upstream that keeps the first. Default deny: what two parsers may read
+    differently is not forwarded.
 
     Raises:
-        ServerError: 400 when it is not a JSON object.
+        ServerError: 400 when it is not a JSON object, or repeats a key in any object.
     """
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey:
+        raise ServerError(400, "the request body repeats a key in a JSON object; refused, not forwarded", "invalid_json") from None
     except ValueError:
         raise ServerError(400, "the request body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):

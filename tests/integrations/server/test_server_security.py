@@ -286,3 +286,19 @@ async def test_disconnect_watcher_leaves_no_stray_cancellation():
         await until_disconnect(Leaving(0.0), answer(1.0))
     await asyncio.sleep(0.01)
     assert outcomes <= {"answer", "gone"}
+
+
+@pytest.mark.parametrize("raw", [
+    # the image hides in the first copy of a repeated key: screened as the last copy here, read as the first by some upstreams
+    b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "IMAGE"}}]}], '
+    b'"messages": [{"role": "user", "content": "hi"}]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "IMAGE", "url": "data:,x"}}]}]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "type": "image_url", "image_url": {"url": "IMAGE"}}]}]}',
+])
+def test_repeated_json_keys_are_refused_not_forwarded(gateway, png_bytes, raw):
+    raw = raw.replace(b"IMAGE", data_url(png_bytes, "image/png").encode())
+    before = len(gateway.forwarded())
+    response = httpx.post(gateway.base_url + "/chat/completions", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    assert "repeats a key" in response.json()["error"]["message"]
+    assert len(gateway.forwarded()) == before

@@ -202,10 +202,7 @@ def register(app: FastAPI, state: Any) -> None:
             if state.config.mode == "local":
                 from ._local import local_chat
 
-                answer = await local_chat(state, request, body, slot)
-                if isinstance(answer, StreamingResponse):
-                    slot.hand_over()
-                return answer
+                return await local_chat(state, request, body, slot)  # hands the slot over to a stream that releases it
             screened = await screen(state, request, body, safety_prompt=state.config.safety_prompt)
             if screened.blocked:
                 return blocked_response(state, body, screened)

@@ -7,7 +7,7 @@ What it does, in one run:
    gateway's own stack: uvicorn + uvloop + httptools, Starlette, one pooled
    ``httpx.AsyncClient``) as separate processes on 127.0.0.1;
 2. overhead, sequentially and interleaved (each round calls direct, floor and gateway in a
-   rotating order, so drifting machine load hits all three alike): text-only latency and
+   shuffled order, so drifting machine load hits all three alike): text-only latency and
    time to the first streamed chunk, reported as medians, the per-round paired differences
    (median and interquartile range); the floor is what one extra loopback HTTP hop costs with
    this stack, i.e. the least any gateway built on it can add. Then a one-image request: the
@@ -149,13 +149,24 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 3), "p25": round(pct(values, 0.25), 3), "p75": round(pct(values, 0.75), 3)}
 
 
+def round_orders(names: list[str], rounds: int) -> list[list[str]]:
+    """One order of ``names`` per round, shuffled (fixed seed): no target always follows the same neighbour."""
+    import random
+
+    shuffle = random.Random(0)
+    orders = []
+    for _ in range(rounds):
+        order = list(names)
+        shuffle.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 def interleaved(measure, client: httpx.Client, urls: dict[str, str], content: bytes, rounds: int) -> dict[str, list[float]]:
-    """``rounds`` rounds, each timing every target once, in an order that rotates from round to round."""
-    names = list(urls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for k in range(len(names)):
-            name = names[(r + k) % len(names)]
+    """``rounds`` rounds, each timing every target once, in a shuffled order."""
+    times: dict[str, list[float]] = {name: [] for name in urls}
+    for order in round_orders(list(urls), rounds):
+        for name in order:
             times[name].append(measure(client, urls[name], content))
     return times
 
@@ -364,7 +375,7 @@ def one_image(client: httpx.Client, urls: dict[str, str], guard_file: str, data:
     """One image: the gateway's added cost (gateway minus direct, same body) against the guard alone on that image.
 
     Each round uses a distinct variant of the image (one pixel changed: same scan cost, no
-    verdict from memory), in a rotating order, pre-serialised bodies.
+    verdict from memory), in a shuffled order, pre-serialised bodies.
     """
     variants = image_variants(data, 2 * rounds + 1)
     image_urls = ["data:image/png;base64," + base64.b64encode(v).decode() for v in variants]
@@ -378,10 +389,8 @@ def one_image(client: httpx.Client, urls: dict[str, str], guard_file: str, data:
     if "baseline" in urls:
         steps["baseline"] = lambda i: request_ms(client, urls["baseline"], bodies[i])
     times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for i in range(rounds):
-        for k in range(len(names)):
-            name = names[(i + k) % len(names)]
+    for i, order in enumerate(round_orders(list(steps), rounds)):
+        for name in order:
             times[name].append(steps[name](i))
     report: dict = {name: spread(values) for name, values in times.items()}
     report["floor_minus_direct"] = spread([f - d for f, d in zip(times["floor"], times["direct"])])

@@ -2,11 +2,20 @@
 
 What it does, in one run:
 
-1. starts the upstream imitation and the gateway (tiny CLIP, or ``--model``) as separate
-   processes on 127.0.0.1 (the gateway through the real ``guardalign-serve`` command);
-2. overhead, sequentially: text-only latency direct vs through the gateway, time to the first
-   streamed chunk direct vs through the gateway, and a one-image request through the
-   gateway vs the detector alone (same image, same CLIP, in this process);
+1. starts the upstream imitation, the gateway (tiny CLIP, through the real
+   ``guardalign-serve`` command) and a *floor proxy* (a trivial pass-through written with the
+   gateway's own stack: uvicorn + uvloop + httptools, Starlette, one pooled
+   ``httpx.AsyncClient``) as separate processes on 127.0.0.1;
+2. overhead, sequentially and interleaved (each round calls direct, floor and gateway in a
+   shuffled order, so drifting machine load hits all three alike): text-only latency and
+   time to the first streamed chunk, reported as medians, the per-round paired differences
+   (median and interquartile range); the floor is what one extra loopback HTTP hop costs with
+   this stack, i.e. the least any gateway built on it can add. Then a one-image request: the
+   gateway's added cost (gateway minus direct, same body; and gateway minus floor, i.e. beyond
+   the extra hop that carries the 1 MB body) against the core guard alone on the same image
+   (the same data URL, read, decode, scan, policy, memory; in this process on a worker thread
+   as the gateway runs it, same guard file, same torch thread count), interleaved image by
+   image, every image a distinct variant (no verdict reuse);
 3. load: ``--requests`` mixed requests (text, streamed text, one image) at ``--concurrency``,
    counting every status (anything but 200 and a deliberate 429 is an error), p50/p99
    latency and requests/s, and the gateway's resident memory before and after.
@@ -53,13 +62,38 @@ def serve_imitation(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+def serve_floor(port: int, upstream: str) -> None:
+    """The least a gateway on this stack can cost: forward the body as is, relay the answer (no checks at all)."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    client = httpx.AsyncClient(base_url=upstream, timeout=60, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
+
+    async def chat(request: Request) -> Response:
+        upstream_request = client.build_request("POST", "chat/completions", content=await request.body(),
+                                                headers={"content-type": "application/json"})
+        response = await client.send(upstream_request, stream=True)
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            return StreamingResponse(response.aiter_raw(), media_type="text/event-stream", background=BackgroundTask(response.aclose))
+        data = await response.aread()
+        return Response(data, status_code=response.status_code, media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180, method: str = "GET") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            body = json.dumps(text_body()).encode() if method == "POST" else None
+            if httpx.request(method, url, content=body, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -88,27 +122,64 @@ def image_body(url: str) -> dict:
                                                                    {"type": "image_url", "image_url": {"url": url}}]}]}
 
 
-def timed_sequential(client: httpx.Client, url: str, body: dict, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        response = client.post(url, json=body)
-        response.raise_for_status()
-        times.append((time.perf_counter() - t0) * 1000)
+def request_ms(client: httpx.Client, url: str, content: bytes) -> float:
+    """One whole request, in ms (the body pre-serialised, so only the HTTP exchange is timed)."""
+    t0 = time.perf_counter()
+    response = client.post(url, content=content, headers={"content-type": "application/json"})
+    elapsed = (time.perf_counter() - t0) * 1000
+    response.raise_for_status()
+    return elapsed
+
+
+def first_chunk_ms(client: httpx.Client, url: str, content: bytes) -> float:
+    """Time to the first streamed chunk, in ms (the rest of the stream is read, untimed)."""
+    t0 = time.perf_counter()
+    with client.stream("POST", url, content=content, headers={"content-type": "application/json"}) as response:
+        chunks = response.iter_raw()
+        next(chunks)
+        elapsed = (time.perf_counter() - t0) * 1000
+        for _ in chunks:
+            pass
+    response.raise_for_status()
+    return elapsed
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and interquartile range, in ms."""
+    return {"median": round(statistics.median(values), 3), "p25": round(pct(values, 0.25), 3), "p75": round(pct(values, 0.75), 3)}
+
+
+def round_orders(names: list[str], rounds: int) -> list[list[str]]:
+    """One order of ``names`` per round, shuffled (fixed seed): no target always follows the same neighbour."""
+    import random
+
+    shuffle = random.Random(0)
+    orders = []
+    for _ in range(rounds):
+        order = list(names)
+        shuffle.shuffle(order)
+        orders.append(order)
+    return orders
+
+
+def interleaved(measure, client: httpx.Client, urls: dict[str, str], content: bytes, rounds: int) -> dict[str, list[float]]:
+    """``rounds`` rounds, each timing every target once, in a shuffled order."""
+    times: dict[str, list[float]] = {name: [] for name in urls}
+    for order in round_orders(list(urls), rounds):
+        for name in order:
+            times[name].append(measure(client, urls[name], content))
     return times
 
 
-def first_chunk_ms(client: httpx.Client, url: str, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        with client.stream("POST", url, json=text_body(stream=True)) as response:
-            chunks = response.iter_raw()
-            next(chunks)
-            times.append((time.perf_counter() - t0) * 1000)
-            for _ in chunks:
-                pass
-    return times
+def overhead_report(times: dict[str, list[float]]) -> dict:
+    """Medians per target and the per-round differences to ``direct`` and to the floor (median, IQR)."""
+    out: dict = {name: spread(values) for name, values in times.items()}
+    for name in times:
+        if name != "direct":
+            out[f"{name}_minus_direct"] = spread([a - b for a, b in zip(times[name], times["direct"])])
+        if name not in ("direct", "floor"):
+            out[f"{name}_minus_floor"] = spread([a - b for a, b in zip(times[name], times["floor"])])
+    return out
 
 
 async def load(url: str, image_url: str, total: int, concurrency: int) -> dict:
@@ -167,32 +238,59 @@ def image_variants(data: bytes, n: int) -> list[bytes]:
     return out
 
 
-def detector_alone_ms(guard_file: str, variants: list[bytes]) -> list[float]:
-    """The core guard on the same images in this process: read, decode, scan, mask (no HTTP)."""
+def detector_alone(guard_file: str, warm: str):
+    """A function timing the core guard alone on one image: read, decode, scan, policy, memory (no HTTP).
+
+    The same work the gateway's screening step does for a one-image request: the same guard
+    file, the image as the same data URL string (so the base64 decode counts on both sides),
+    the verdict remembered as the gateway remembers it, and run on a worker thread as the
+    gateway runs it (``run_in_threadpool``): under CPU contention a scan on the main thread
+    and one on a worker thread were measured to differ by up to 2.6× in one process.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from guardalign_core.guard import ContentImage, ImageGuard
 
     guard = ImageGuard(guard_file)
-    guard.screen([ContentImage("warm-up", source=variants[0])], reuse=False)  # warm
-    times = []
-    for data in variants:
+    worker = ThreadPoolExecutor(1, thread_name_prefix="guard-alone")
+
+    def scan(url: str) -> float:
         t0 = time.perf_counter()
-        guard.screen([ContentImage("image", source=data)], reuse=False)
-        times.append((time.perf_counter() - t0) * 1000)
-    return times
+        guard.screen([ContentImage("image", source=url, mime="image/png")])
+        return (time.perf_counter() - t0) * 1000
+
+    worker.submit(scan, warm).result()
+    return lambda url: worker.submit(scan, url).result()
+
+
+def pin(pid: int, cpu: int | None) -> None:
+    """Keep process ``pid`` on one CPU (``--pin``): no migrations between the sequential hops."""
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(pid, {cpu % (os.cpu_count() or 1)})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--sequential", type=int, default=200, help="requests per overhead measurement")
+    parser.add_argument("--sequential", type=int, default=600, help="rounds of the interleaved text/stream overhead measurement")
+    parser.add_argument("--image-rounds", type=int, default=40, help="rounds of the one-image measurement (distinct images)")
+    parser.add_argument("--pin", action="store_true", help="pin the upstream to CPU 0 and the gateway, floor proxy and client to CPU 1")
+    parser.add_argument("--skip-load", action="store_true", help="only the overhead measurements")
+    parser.add_argument("--baseline-tree", default=None, metavar="DIR",
+                        help="also start the gateway of another checkout (e.g. `git archive` of an older commit) and measure it "
+                        "in the same interleaved rounds, as 'baseline'")
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
     parser.add_argument("--guard", default=None, help="guard preset/file (default: the tiny random CLIP)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--serve-imitation", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor", nargs=2, metavar=("PORT", "UPSTREAM"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_imitation is not None:
         serve_imitation(args.serve_imitation)
+        return 0
+    if args.serve_floor is not None:
+        serve_floor(int(args.serve_floor[0]), args.serve_floor[1])
         return 0
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -207,58 +305,105 @@ def main(argv: list[str] | None = None) -> int:
         guard_file = str(save_config(GuardConfig(detector=tiny_detector_config(checkpoint, cache_dir=str(tmp))), tmp / "guard.yaml"))
     data = IMAGE.read_bytes()
     image_url = "data:image/png;base64," + base64.b64encode(data).decode()
-    up_port, gw_port = free_port(), free_port()
+    up_port, gw_port, floor_port = free_port(), free_port(), free_port()
+    upstream_base = f"http://127.0.0.1:{up_port}/v1"
     upstream = subprocess.Popen([sys.executable, __file__, "--serve-imitation", str(up_port)], env=env)
-    gateway = subprocess.Popen([sys.executable, "-m", "guardalign_integrations.server.cli", "--upstream", f"http://127.0.0.1:{up_port}/v1",
+    floor = subprocess.Popen([sys.executable, __file__, "--serve-floor", str(floor_port), upstream_base + "/"], env=env)
+    gateway = subprocess.Popen([sys.executable, "-m", "guardalign_integrations.server.cli", "--upstream", upstream_base,
                                 "--guard", guard_file, "--port", str(gw_port), "--log-level", "warning"], env=env)
-    report: dict = {"image": IMAGE.name, "image_bytes": len(data), "guard": "tiny-random CLIP" if args.guard is None else args.guard}
+    servers = [gateway, floor, upstream]
+    base_port = free_port()
+    if args.baseline_tree:
+        tree = str(Path(args.baseline_tree).resolve())
+        servers.insert(0, subprocess.Popen([sys.executable, "-m", "guardalign_integrations.server.cli", "--upstream", upstream_base,
+                                            "--guard", guard_file, "--port", str(base_port), "--log-level", "warning"],
+                                           env={**env, "PYTHONPATH": tree}, cwd=tree))
+    import torch
+
+    report: dict = {"image": IMAGE.name, "image_bytes": len(data), "guard": "tiny-random CLIP" if args.guard is None else args.guard,
+                    "pinned": args.pin, "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
+    if args.pin:
+        pin(upstream.pid, 0)
+        for proc in servers[:-1]:
+            pin(proc.pid, 1)
+        pin(os.getpid(), 1)
     try:
         wait_http(f"http://127.0.0.1:{up_port}/v1/models", upstream)
         wait_http(f"http://127.0.0.1:{gw_port}/readyz", gateway)
-        direct, via = f"http://127.0.0.1:{up_port}/v1/chat/completions", f"http://127.0.0.1:{gw_port}/v1/chat/completions"
-        n = args.sequential
+        wait_http(f"http://127.0.0.1:{floor_port}/v1/chat/completions", floor, method="POST")
+        targets = [("direct", up_port), ("floor", floor_port), ("gateway", gw_port)]
+        if args.baseline_tree:
+            wait_http(f"http://127.0.0.1:{base_port}/readyz", servers[0])
+            targets.append(("baseline", base_port))
+        urls = {name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in targets}
+        text, stream = json.dumps(text_body()).encode(), json.dumps(text_body(stream=True)).encode()
         with httpx.Client(timeout=60) as client:
-            timed_sequential(client, via, text_body(), 20)  # warm both paths
-            timed_sequential(client, direct, text_body(), 20)
-            d, g = timed_sequential(client, direct, text_body(), n), timed_sequential(client, via, text_body(), n)
-            report["text_only_ms"] = {"direct_median": round(statistics.median(d), 3), "gateway_median": round(statistics.median(g), 3),
-                                      "overhead_median": round(statistics.median(g) - statistics.median(d), 3)}
-            d, g = first_chunk_ms(client, direct, n), first_chunk_ms(client, via, n)
-            report["first_chunk_ms"] = {"direct_median": round(statistics.median(d), 3), "gateway_median": round(statistics.median(g), 3),
-                                        "overhead_median": round(statistics.median(g) - statistics.median(d), 3)}
-            m = max(20, n // 5)
-            variants = image_variants(data, m)  # distinct bytes: no verdict is reused from memory
-            g = []
-            for variant in variants:
-                t0 = time.perf_counter()
-                response = client.post(via, json=image_body("data:image/png;base64," + base64.b64encode(variant).decode()))
-                response.raise_for_status()
-                g.append((time.perf_counter() - t0) * 1000)
-            decision = response.headers.get("x-guardalign-decision")
-        alone = detector_alone_ms(guard_file, variants)
-        report["one_image_ms"] = {"detector_alone_median": round(statistics.median(alone), 3), "gateway_median": round(statistics.median(g), 3),
-                                  "ratio": round(statistics.median(g) / statistics.median(alone), 3), "decision": decision}
-        # a first run settles the allocator (arenas, buffer pools); growth is measured over the second, identical run
-        warm_run = asyncio.run(load(via, image_url, args.requests, args.concurrency))
-        before = rss_mb(gateway.pid)
-        report["load"] = asyncio.run(load(via, image_url, args.requests, args.concurrency))
-        after = rss_mb(gateway.pid)
-        report["warm_run_statuses"] = warm_run["statuses"]
-        report["gateway_rss_mb"] = {"before": round(before, 1), "after": round(after, 1), "growth": round(after - before, 1)}
+            interleaved(request_ms, client, urls, text, 50)  # warm every path (connections, caches)
+            interleaved(first_chunk_ms, client, urls, stream, 50)
+            report["text_only_ms"] = overhead_report(interleaved(request_ms, client, urls, text, args.sequential))
+            report["first_chunk_ms"] = overhead_report(interleaved(first_chunk_ms, client, urls, stream, args.sequential))
+            report["one_image_ms"] = one_image(client, urls, guard_file, data, args.image_rounds)
+        report["load_average_after_overheads"] = os.getloadavg()
+        if not args.skip_load:
+            # a first run settles the allocator (arenas, buffer pools); growth is measured over the second, identical run
+            warm_run = asyncio.run(load(urls["gateway"], image_url, args.requests, args.concurrency))
+            before = rss_mb(gateway.pid)
+            report["load"] = asyncio.run(load(urls["gateway"], image_url, args.requests, args.concurrency))
+            after = rss_mb(gateway.pid)
+            report["warm_run_statuses"] = warm_run["statuses"]
+            report["gateway_rss_mb"] = {"before": round(before, 1), "after": round(after, 1), "growth": round(after - before, 1)}
     finally:
-        for proc in (gateway, upstream):
+        for proc in servers:
             proc.terminate()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    errors = {k: v for run in (report["warm_run_statuses"], report["load"]["statuses"]) for k, v in run.items() if k not in ("200", "429")}
-    report["ok"] = not errors and report["gateway_rss_mb"]["growth"] <= args.max_growth_mb
-    text = json.dumps(report, indent=2)
-    print(text)  # noqa: T201 (a benchmark's report)
+    ok = True
+    if not args.skip_load:
+        errors = {k: v for run in (report["warm_run_statuses"], report["load"]["statuses"]) for k, v in run.items() if k not in ("200", "429")}
+        ok = not errors and report["gateway_rss_mb"]["growth"] <= args.max_growth_mb
+    report["ok"] = ok
+    text_out = json.dumps(report, indent=2)
+    print(text_out)  # noqa: T201 (a benchmark's report)
     if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0 if report["ok"] else 1
+        Path(args.out).write_text(text_out + "\n")
+    return 0 if ok else 1
+
+
+def one_image(client: httpx.Client, urls: dict[str, str], guard_file: str, data: bytes, rounds: int) -> dict:
+    """One image: the gateway's added cost (gateway minus direct, same body) against the guard alone on that image.
+
+    Each round uses a distinct variant of the image (one pixel changed: same scan cost, no
+    verdict from memory), in a shuffled order, pre-serialised bodies.
+    """
+    variants = image_variants(data, 2 * rounds + 1)
+    image_urls = ["data:image/png;base64," + base64.b64encode(v).decode() for v in variants]
+    alone = detector_alone(guard_file, image_urls[-1])
+    bodies = [json.dumps(image_body(url)).encode() for url in image_urls[:rounds]]
+    request_ms(client, urls["gateway"], json.dumps(image_body("data:image/png;base64," + base64.b64encode(data).decode())).encode())
+    steps = {"direct": lambda i: request_ms(client, urls["direct"], bodies[i]),
+             "floor": lambda i: request_ms(client, urls["floor"], bodies[i]),
+             "gateway": lambda i: request_ms(client, urls["gateway"], bodies[i]),
+             "guard_alone": lambda i: alone(image_urls[rounds + i])}  # a variant of its own: its memory is separate anyway
+    if "baseline" in urls:
+        steps["baseline"] = lambda i: request_ms(client, urls["baseline"], bodies[i])
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i, order in enumerate(round_orders(list(steps), rounds)):
+        for name in order:
+            times[name].append(steps[name](i))
+    report: dict = {name: spread(values) for name, values in times.items()}
+    report["floor_minus_direct"] = spread([f - d for f, d in zip(times["floor"], times["direct"])])
+    for name in [n for n in times if n in ("gateway", "baseline")]:
+        added = [g - d for g, d in zip(times[name], times["direct"])]
+        report[f"{name}_minus_direct"] = spread(added)
+        report[f"{name}_added_over_alone_ratio"] = spread([a / s for a, s in zip(added, times["guard_alone"])])
+        # what the gateway adds beyond one more HTTP hop carrying the same body, against the guard's own work
+        beyond = [g - f for g, f in zip(times[name], times["floor"])]
+        report[f"{name}_minus_floor"] = spread(beyond)
+        report[f"{name}_beyond_hop_over_alone_ratio"] = spread([b / s for b, s in zip(beyond, times["guard_alone"])])
+    report["decision"] = client.post(urls["gateway"], content=bodies[0], headers={"content-type": "application/json"}).headers.get("x-guardalign-decision")
+    return report
 
 
 if __name__ == "__main__":

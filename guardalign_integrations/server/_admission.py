@@ -19,6 +19,11 @@ class Slot:
     def __init__(self, gate: "AdmissionGate") -> None:
         self._gate = gate
         self._held = True
+        self.handed_over = False
+
+    def hand_over(self) -> None:
+        """A streaming response now owns the slot and releases it when the stream ends."""
+        self.handed_over = True
 
     def release(self) -> None:
         if self._held:

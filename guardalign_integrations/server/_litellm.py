@@ -80,12 +80,8 @@ def guardrail_answer(state: Any, body: dict[str, Any]) -> tuple[dict[str, Any], 
 def register(app: FastAPI, state: Any) -> None:
     """Add LiteLLM's generic guardrail endpoint."""
 
-    @app.post("/beta/litellm_basic_guardrail_api")
     async def litellm_guardrail(request: Request) -> Response:
-        request.scope["state"]["endpoint"] = "/beta/litellm_basic_guardrail_api"
-        state.authenticate(request)
-        slot = await state.admit()
-        try:
+        async with state.serving(request, "/beta/litellm_basic_guardrail_api"):
             from ._gateway import parse_body
 
             body = parse_body(await request.body())
@@ -94,12 +90,8 @@ def register(app: FastAPI, state: Any) -> None:
             answer, decision = await run_in_threadpool(guardrail_answer, state, body)
             headers = {}
             if decision is not None:
-                state.metrics.decisions.labels(decision.decision.value).inc()
-                state.metrics.images.inc(len(decision.results))
-                request.scope["state"].update(decision=decision.decision.value, images=len(decision.results))
+                state.record_decision(request, decision, len(decision.results))
                 headers["x-guardalign-decision"] = decision_header(decision)
             return JSONResponse(answer, headers=headers)
-        finally:
-            state.release(slot)
 
-
+    app.add_route("/beta/litellm_basic_guardrail_api", litellm_guardrail, methods=["POST"])

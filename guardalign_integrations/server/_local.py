@@ -189,6 +189,7 @@ async def local_chat(state: Any, request: Request, body: dict[str, Any], slot: A
             stop.set()
             state.release(slot)
 
+        slot.hand_over()  # events()/cleanup() release it; a blocked stream (above) does not, so it is not handed over
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers, background=BackgroundTask(cleanup))
 
     async def collect() -> tuple[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from guardalign_core.guard import ContentImage, ImageGuard, RequestVerdict, SafetyPrompt
 from guardalign_core.results import Status
-from guardalign_core.verdicts import Forward, ImageVerdict
+from guardalign_core.verdicts import Forward, ImageVerdict, SafetyDelivery
 
 ScreenFn = Callable[[Sequence[ContentImage]], RequestVerdict]
 """Screens one request's images: ``guard.screen`` or the server's micro-batcher (``ScanBatcher.screen``)."""
@@ -69,13 +69,25 @@ class ScreenedBody:
 
     ``body`` is what to forward (``None`` when blocked); ``changed`` is false when it is the
     input object untouched (so the raw request bytes can be forwarded as they came).
-    ``decision.images[i]`` is the verdict on ``refs[i]``.
+    ``decision.images[i]`` is the verdict on ``refs[i]``; ``delivery`` is how the safety prompt
+    was put into ``body`` (a prefill there is what :meth:`kept_prefix` puts back in the answer).
     """
 
     body: dict[str, Any] | None
     decision: RequestVerdict
     refs: list[ImageRef] = field(default_factory=list)
     changed: bool = False
+    delivery: SafetyDelivery = SafetyDelivery(None, None)
+
+    def kept_prefix(self, answer_start: str) -> str:
+        """The text to put before the model's answer (``""``: none): the prefill, when the guard keeps it in the output.
+
+        ``answer_start`` is the answer's first characters (``""`` when not known yet: read as
+        a continuation that starts with a space, as every adapter does).
+        """
+        if not self.delivery.prefill:
+            return ""
+        return self.decision.safety_prompt.kept_prefix(self.delivery, answer_start or " ")
 
     @property
     def blocked(self) -> bool:
@@ -186,17 +198,21 @@ def _set_url(part: dict[str, Any], url: str) -> dict[str, Any]:
     return new
 
 
-def apply_safety_prompt(messages: list[dict[str, Any]], safety: SafetyPrompt) -> list[dict[str, Any]]:
+def apply_safety_prompt(messages: list[dict[str, Any]], safety: SafetyPrompt) -> tuple[list[dict[str, Any]], SafetyDelivery]:
     """Add the planned safety prompt as :meth:`SafetyPrompt.delivery` says for this request.
 
     The system text goes into the leading system/developer message (or a new first one);
     a prefill becomes a trailing assistant turn, unless the request already ends with one.
+
+    Returns:
+        The messages and the delivery used (what the answer may need put back: the prefill).
     """
     if not safety.applied:
-        return messages
+        return messages, SafetyDelivery(None, None)
     out = list(messages)
     last = out[-1].get("role") if out else None
-    text, prefill = safety.delivery(last if isinstance(last, str) else None)
+    delivery = safety.delivery(last if isinstance(last, str) else None)
+    text, prefill = delivery
     if text:
         first = out[0] if out else None
         if first is not None and first.get("role") in ("system", "developer"):
@@ -210,7 +226,7 @@ def apply_safety_prompt(messages: list[dict[str, Any]], safety: SafetyPrompt) ->
             out.insert(0, {"role": "system", "content": text})
     if prefill:
         out.append({"role": "assistant", "content": prefill})
-    return out
+    return out, delivery
 
 
 def forwarded_url(url: str, verdict: ImageVerdict) -> str | None:
@@ -300,11 +316,12 @@ def screen_chat_body(
     if decision.blocked:
         return ScreenedBody(None, decision, refs)
     new_messages, changed = rewrite_messages(messages, refs, decision.images)
+    delivery = SafetyDelivery(None, None)
     if safety_prompt and decision.safety_prompt.applied:
-        new_messages, changed = apply_safety_prompt(new_messages, decision.safety_prompt), True
+        (new_messages, delivery), changed = apply_safety_prompt(new_messages, decision.safety_prompt), True
     if not changed:
         return ScreenedBody(body, decision, refs, changed=False)
-    return ScreenedBody({**body, "messages": new_messages}, decision, refs, changed=True)
+    return ScreenedBody({**body, "messages": new_messages}, decision, refs, changed=True, delivery=delivery)
 
 
 def decision_header(decision: RequestVerdict) -> str:

@@ -80,12 +80,8 @@ def _verdict(verdict: ImageVerdict, options: dict[str, Any]) -> dict[str, Any]:
 def register(app: FastAPI, state: Any) -> None:
     """Add ``POST /v1/scan``."""
 
-    @app.post("/v1/scan")
     async def scan(request: Request) -> Response:
-        request.scope["state"]["endpoint"] = "/v1/scan"
-        state.authenticate(request)
-        slot = await state.admit()
-        try:
+        async with state.serving(request, "/v1/scan"):
             items, options = await _inputs(request)
 
             images = [ContentImage(label, source=source, mime=declared_mime(source) if isinstance(source, str) else None)
@@ -99,9 +95,7 @@ def register(app: FastAPI, state: Any) -> None:
                 state.metrics.rejections.labels(err.code).inc()
                 raise ServerError(400, str(err), err.code) from None
             state.metrics.scan_seconds.observe(time.perf_counter() - t0)
-            state.metrics.images.inc(len(images))
-            state.metrics.decisions.labels(decision.decision.value).inc()
-            request.scope["state"].update(decision=decision.decision.value, images=len(images))
+            state.record_decision(request, decision, len(images))
             body = {
                 "decision": decision.decision.value, "status": decision.status.value, "policy": decision.policy,
                 "unsafe": decision.unsafe, "reason": decision.reason,
@@ -109,7 +103,5 @@ def register(app: FastAPI, state: Any) -> None:
             }
             return Response(json.dumps(body, separators=(",", ":")), media_type="application/json",
                             headers={"x-guardalign-decision": decision_header(decision)})
-        finally:
-            state.release(slot)
 
-
+    app.add_route("/v1/scan", scan, methods=["POST"])

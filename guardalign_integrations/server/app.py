@@ -10,6 +10,7 @@ model) in the background; ``/readyz`` says ready when it is done.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import io
 import logging
@@ -105,6 +106,33 @@ class ServerState:
         if self.gate is not None:
             self.metrics.in_flight.set(self.gate.active)
 
+    @asynccontextmanager
+    async def serving(self, request: Request, endpoint: str) -> AsyncIterator[Slot]:
+        """Name the endpoint for the log and metrics, authenticate, hold a processing slot for the body.
+
+        The slot is released on exit unless the endpoint handed it to a streaming response
+        (:meth:`Slot.hand_over`), which releases it when the stream ends.
+
+        Raises:
+            ServerError: 401 (no valid key) or 429 (queue full), before the body is read.
+        """
+        request.scope["state"]["endpoint"] = endpoint
+        self.authenticate(request)
+        slot = await self.admit()
+        try:
+            yield slot
+        finally:
+            if not slot.handed_over:
+                self.release(slot)
+
+    def record_decision(self, request: Request, decision: Any, images: int) -> None:
+        """Count a request verdict (decision, images scanned) and note it for the access log."""
+        value = decision.decision.value
+        self.metrics.decisions.labels(value).inc()
+        if images:
+            self.metrics.images.inc(images)
+        request.scope["state"].update(decision=value, images=images)
+
     # -- warm-up -----------------------------------------------------------------------------
     def warm(self) -> None:
         """Load the CLIP backbone and its text embeddings (one tiny scan), and the local model."""
@@ -121,34 +149,48 @@ class ServerState:
             self.warm_error = f"{type(err).__name__}: {err}"
             logger.error("warm-up failed: %s", self.warm_error)
             return
+        if self.config.gc_freeze:
+            # torch and the models leave ~350k tracked objects: every full collection walked them
+            # (measured ~95 µs of CPU per text request, amortised, and the latency tail)
+            gc.collect()
+            gc.freeze()
         self.ready.set()
         logger.info("guardalign server ready (%s mode)", self.config.mode)
 
 
 async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable`` unless the client disconnects first; then cancel it and raise :class:`ClientGone`."""
-    task = asyncio.ensure_future(awaitable)
+    """Await ``awaitable`` unless the client disconnects first; then cancel it and raise :class:`ClientGone`.
+
+    One watcher task reads the ASGI channel (after the body, the next message is the
+    disconnect) and, if the client leaves while ``awaitable`` is pending, cancels the
+    handler's own task, which cancels ``awaitable`` where it waits (the upstream request).
+    Why not two tasks and ``asyncio.wait``: that cost ~70 µs a call on the text-only path.
+    Once ``awaitable`` is done, the watcher can no longer cancel anything (no suspension point
+    lies between its end and the watcher's cancellation).
+    """
+    task = asyncio.current_task()
+    if task is None:  # not in a task (never under an ASGI server): nothing to cancel
+        return await awaitable
+    flags = {"gone": False, "done": False}
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        if not flags["done"]:
+            flags["gone"] = True
+            task.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await awaitable
     except asyncio.CancelledError:
-        task.cancel()
-        watcher.cancel()
+        if flags["gone"]:
+            task.uncancel()
+            raise ClientGone() from None
         raise
-    if task in done:
+    finally:
+        flags["done"] = True
         watcher.cancel()
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except BaseException:  # noqa: BLE001 (the cancelled work's outcome is not wanted)
-        pass
-    raise ClientGone()
 
 
 class _BodyTooLarge(Exception):
@@ -257,6 +299,8 @@ def create_app(config: ServerConfig, *, guard: ImageGuard | None = None, pipelin
             await asyncio.get_running_loop().run_in_executor(None, state.batcher.close)
             if state.upstream is not None:
                 await state.upstream.aclose()
+            if config.gc_freeze:
+                gc.unfreeze()  # an embedding process (tests, notebooks) gets its collector back
 
     app = FastAPI(title="GuardAlign", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.guardalign = state

@@ -110,6 +110,11 @@ class ServerConfig(_Config):
     drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown, how long in-flight requests may finish, in seconds.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     warm_up: bool = Field(True, description="Load the CLIP backbone (and local model) at start-up; /readyz says ready after.")
+    gc_freeze: bool = Field(
+        True,
+        description="After warm-up, move every object alive (torch, the models) out of the garbage collector's reach "
+        "(gc.freeze), so that collections no longer walk them on the request path; undone at shutdown.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ServerConfig":

@@ -100,12 +100,12 @@ async def _stream(record: UpstreamRecord, model: str, tool_calls: Any, request: 
             yield event({"role": "assistant", "tool_calls": [{"index": 0, **tool_calls[0]}]})
             yield event({}, "tool_calls")
         else:
-            chunks = record.stream_chunks
+            chunks, release = record.stream_chunks, record.release_last_chunk  # as they were when the request came
             for i, text in enumerate(chunks):
                 if i and record.chunk_delay_s:
                     await asyncio.sleep(record.chunk_delay_s)
-                if i == len(chunks) - 1 and record.release_last_chunk is not None:
-                    while not record.release_last_chunk.is_set():
+                if i == len(chunks) - 1 and release is not None:
+                    while not release.is_set():
                         await asyncio.sleep(0.005)
                 yield event({"role": "assistant", "content": text} if i == 0 else {"content": text})
                 record.sent_chunks += 1

@@ -176,17 +176,40 @@ def test_langchain_chat_openai_through_the_gateway(masking_gateway, png_bytes):
 
 
 def test_models_mirrors_the_upstream(allowing_gateway):
-    models = client(allowing_gateway).models.list()
+    import httpx
+
+    gateway = allowing_gateway
+    seen = len([r for r in gateway.record.requests if r["path"] == "/v1/models"])
+    models = client(gateway).models.list()
     assert [m.id for m in models.data] == ["imitation-model"]
+    # the upstream was asked (not a cached or made-up list), and its answer comes back as it sent it
+    assert len([r for r in gateway.record.requests if r["path"] == "/v1/models"]) == seen + 1
+    assert httpx.get(gateway.base_url + "/models").content == httpx.get(gateway.upstream.url + "/v1/models").content
 
 
 def test_upstream_key_server_mode_and_passthrough(make_guard):
     guard = make_guard(NONE_UNSAFE)
     with run_gateway(guard, upstream={"api_key": "server-secret"}) as gateway:
         client(gateway).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-        assert gateway.forwarded()[-1]["headers"]["authorization"] == "Bearer server-secret"
+        assert gateway.forwarded()[-1]["headers"]["authorization"] == "Bearer server-secret"  # never the caller's "caller-key"
+        client(gateway).models.list()
+        assert gateway.record.requests[-1]["path"] == "/v1/models"
+        assert gateway.record.requests[-1]["headers"]["authorization"] == "Bearer server-secret"
     with run_gateway(guard, upstream={"key_mode": "passthrough"}, api_keys=["gw-key"]) as gateway:
         caller = openai.OpenAI(base_url=gateway.base_url, api_key="caller-upstream-key", max_retries=0,
                                default_headers={"x-api-key": "gw-key"})
         caller.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         assert gateway.forwarded()[-1]["headers"]["authorization"] == "Bearer caller-upstream-key"
+        caller.models.list()
+        assert gateway.record.requests[-1]["headers"]["authorization"] == "Bearer caller-upstream-key"
+
+
+def test_collector_frozen_while_serving_and_given_back_at_shutdown(make_guard):
+    import gc
+
+    gc.unfreeze()
+    with run_gateway(make_guard(NONE_UNSAFE)):
+        assert gc.get_freeze_count() > 0  # the models' objects are out of the collector's walk on the request path
+    assert gc.get_freeze_count() == 0  # an embedding process gets its collector back
+    with run_gateway(make_guard(NONE_UNSAFE), gc_freeze=False):
+        assert gc.get_freeze_count() == 0

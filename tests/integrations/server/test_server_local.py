@@ -89,13 +89,19 @@ def test_local_model_refuses_tools_with_a_clear_400(local_server):
 
 
 def test_local_model_blocks_without_generating(tiny_llava, make_guard, png_bytes):
-    config = ServerConfig(model={"model_id": str(tiny_llava), "suppress_special_tokens": True, "max_new_tokens": 4})
+    # one processing slot, no queue: a slot a blocked answer failed to give back would make the next request a 429
+    config = ServerConfig(model={"model_id": str(tiny_llava), "suppress_special_tokens": True, "max_new_tokens": 4},
+                          max_concurrency=1, max_queue=0)
     app = create_app(config, guard=make_guard(ALL_UNSAFE, action="block"))
     with ServerThread(app) as server:
         wait_ready(server.url, timeout=120)
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
-        completion = client.chat.completions.create(model="m", messages=image_request(png_bytes))
-        assert completion.choices[0].finish_reason == "content_filter"
+        for _ in range(3):
+            completion = client.chat.completions.create(model="m", messages=image_request(png_bytes))
+            assert completion.choices[0].finish_reason == "content_filter"
+            chunks = list(client.chat.completions.create(model="m", messages=image_request(png_bytes), stream=True))
+            assert chunks[-1].choices[0].finish_reason == "content_filter"
+        assert app.state.guardalign.gate.active == 0
 
 
 def test_leaving_a_local_stream_stops_generation(tiny_llava, make_guard):

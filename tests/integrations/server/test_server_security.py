@@ -238,3 +238,67 @@ def test_client_leaving_a_stream_cancels_the_upstream_stream(make_guard):
             time.sleep(0.02)
         assert gw.record.cancelled == 1
         assert gw.record.sent_chunks < 200
+
+
+def test_fail_open_forwards_an_unreadable_image_as_sent_and_says_so(make_guard, jpeg_bytes):
+    # issue 10: "as sent" only under fail_open; the decision header and the summary say the check did not run
+    broken = data_url(jpeg_bytes[:200], "image/jpeg")
+    body = user_with({"type": "image_url", "image_url": {"url": broken, "detail": "low"}})
+    with run_gateway(make_guard(NONE_UNSAFE, fail_open=True)) as gw:
+        raw = openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0).chat.completions.with_raw_response.create(**body)
+        assert raw.headers["x-guardalign-decision"].endswith("; status=error")
+        summary = raw.http_response.json()["guardalign"]
+        assert summary["status"] == "error" and summary["images"][0]["forward"] == "as_sent"
+        assert gw.forwarded()[-1]["body"]["messages"] == body["messages"]  # the part exactly as the caller sent it
+    with run_gateway(make_guard(NONE_UNSAFE)) as gw:  # the same request without fail_open: refused, nothing forwarded
+        response = post(gw, body)
+        assert response.status_code == 400 and response.headers["x-guardalign-decision"] == "block; status=error"
+        assert gw.forwarded() == []
+
+
+async def test_disconnect_watcher_leaves_no_stray_cancellation():
+    """The client leaving just as the upstream answers: either outcome, but the handler's later awaits still run."""
+    import asyncio
+
+    from guardalign_integrations.server.app import ClientGone, until_disconnect
+
+    class Leaving:
+        def __init__(self, delay: float) -> None:
+            self.delay = delay
+
+        async def receive(self) -> dict:
+            await asyncio.sleep(self.delay)
+            return {"type": "http.disconnect"}
+
+    async def answer(delay: float) -> str:
+        await asyncio.sleep(delay)
+        return "answer"
+
+    outcomes = set()
+    for delay in (0.0, 0.001, 0.002, 0.005):
+        try:
+            outcomes.add(await until_disconnect(Leaving(delay), answer(0.002)))
+        except ClientGone:
+            outcomes.add("gone")
+        await asyncio.sleep(0.01)  # a stray cancel request would raise CancelledError here
+    assert await until_disconnect(Leaving(1.0), answer(0.0)) == "answer"
+    with pytest.raises(ClientGone):
+        await until_disconnect(Leaving(0.0), answer(1.0))
+    await asyncio.sleep(0.01)
+    assert outcomes <= {"answer", "gone"}
+
+
+@pytest.mark.parametrize("raw", [
+    # the image hides in the first copy of a repeated key: screened as the last copy here, read as the first by some upstreams
+    b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "IMAGE"}}]}], '
+    b'"messages": [{"role": "user", "content": "hi"}]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "IMAGE", "url": "data:,x"}}]}]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "type": "image_url", "image_url": {"url": "IMAGE"}}]}]}',
+])
+def test_repeated_json_keys_are_refused_not_forwarded(gateway, png_bytes, raw):
+    raw = raw.replace(b"IMAGE", data_url(png_bytes, "image/png").encode())
+    before = len(gateway.forwarded())
+    response = httpx.post(gateway.base_url + "/chat/completions", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    assert "repeats a key" in response.json()["error"]["message"]
+    assert len(gateway.forwarded()) == before

@@ -386,9 +386,10 @@ def scan_files(
 ) -> Iterator[list[dict[str, Any]]]:
     """Scan files (paths or URIs) through Ray, yielding verdict rows batch by batch as they finish.
 
-    What ``guardalign scan --ray`` runs. Connects to ``address`` (``None``: ``RAY_ADDRESS`` or a
-    new local cluster) unless Ray is already initialised in this process; a cluster it started
-    is shut down when the iterator is exhausted or closed. Batches arrive in completion order,
+    What ``guardalign scan --ray`` runs. Connects to ``address`` (``None``: start a new local
+    cluster; ``"auto"``: ``RAY_ADDRESS`` or the cluster running on this machine; ``host:port``
+    or ``ray://host:port``: that cluster) unless Ray is already initialised in this process; a
+    cluster it started is shut down when the iterator is exhausted or closed. Batches arrive in completion order,
     not input order; each row's ``source`` is its path.
 
     Raises:
@@ -398,7 +399,7 @@ def scan_files(
     resolve_config(config)  # fail on a bad config before a cluster starts
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
         started = True
     elif address:
         logger.warning("Ray is already initialised in this process; using that cluster, not %s", address)

@@ -241,6 +241,7 @@ def scan_values(
     rows = []
     for i in range(len(values)):
         row = verdict_row(results[i], fingerprint=fingerprint, source=sources[i])
+        row["source"] = sources[i]  # unknown stays None: the in-batch label ("row 3") names nothing in the corpus
         if include_sanitized:
             row["sanitized_png"] = _sanitized_png(results[i])
         rows.append(row)

@@ -196,3 +196,7 @@ def test_cli_ray_writes_every_image_once_to_jsonl(ray_cluster, config, tmp_path,
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(os.path.basename(r["source"]) for r in rows) == sorted([f.name for f in good] + list(corrupt))
     assert ray_cluster.is_initialized()  # a cluster the CLI did not start is left running
+    capsys.readouterr()
+    # the in-process scan computes the same config fingerprint as the actors: resuming without Ray skips them all
+    assert main(["scan", str(folder), "--config", str(config_file), "--jsonl", str(out), "--resume"]) == 0
+    assert f"0 image(s) scanned, 0 unsafe, 0 error(s), {len(rows)} already in out.jsonl" in capsys.readouterr().out

@@ -116,6 +116,20 @@ def test_sanitized_png_is_the_masked_image_and_absent_when_blocked(base_config):
     assert blocked["decision"] == "block" and blocked["sanitized_png"] is None
 
 
+def test_ray_is_imported_only_when_used_and_its_absence_names_the_extra(monkeypatch):
+    import subprocess
+    import sys
+
+    code = "import sys, guardalign_core.distributed; assert 'ray' not in sys.modules, 'ray imported at module import'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    from guardalign_core.distributed import RayNotAvailableError, scan_dataset
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(RayNotAvailableError, match=r"pip install 'guardalign\[ray\]'"):
+        scan_dataset(object())
+
+
 # -- Ray ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
@@ -200,3 +214,19 @@ def test_cli_ray_writes_every_image_once_to_jsonl(ray_cluster, config, tmp_path,
     # the in-process scan computes the same config fingerprint as the actors: resuming without Ray skips them all
     assert main(["scan", str(folder), "--config", str(config_file), "--jsonl", str(out), "--resume"]) == 0
     assert f"0 image(s) scanned, 0 unsafe, 0 error(s), {len(rows)} already in out.jsonl" in capsys.readouterr().out
+
+
+@ray_only
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"concurrency": 0}, "concurrency: must be at least 1"),
+    ({"concurrency": (3, 2)}, r"concurrency: a \(min, max\) tuple"),
+    ({"batch_size": 0}, "batch_size: must be a positive int"),
+    ({"num_gpus": -1}, "num_gpus: must be a non-negative number"),
+    ({"config": {"detector": {"device": "cuda"}}, "num_gpus": 0}, "needs GPUs on the actors"),
+    ({"config": {"detector": {"treshold": 0.3}}}, "treshold"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(kwargs, message):
+    from guardalign_core.distributed import scan_dataset
+
+    with pytest.raises((ValueError, TypeError), match=message):
+        scan_dataset(object(), **kwargs)  # never reaches the dataset

@@ -398,6 +398,8 @@ def scan_files(
     """
     ray = _import_ray()
     resolve_config(config)  # fail on a bad config before a cluster starts
+    if not paths:
+        return
     started = False
     if not ray.is_initialized():
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
@@ -408,8 +410,6 @@ def scan_files(
     bars = context.enable_progress_bars
     context.enable_progress_bars = False  # the caller shows its own
     try:
-        if not paths:
-            return
         ds = ray.data.from_items([{"path": str(p)} for p in paths])
         verdicts = scan_dataset(ds, config, column="path", batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, num_cpus=num_cpus)
         for batch in verdicts.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -161,36 +161,33 @@ def read_resume_state(path: str | Path, fingerprint: str) -> ResumeState:
     state = ResumeState()
     if not path.exists():
         return state
-    data = path.read_bytes()
     other: dict[str, int] = {}
     offset = 0
-    lines = data.split(b"\n")
-    for number, line in enumerate(lines, start=1):
-        last = number == len(lines)
-        if last and not line:  # the file ends with a newline: nothing after it
-            break
-        try:
-            row = json.loads(line)
-            key, row_fingerprint = row["source"], row["config_fingerprint"]
-            if not isinstance(row_fingerprint, str) or not (key is None or isinstance(key, str)):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            if last:  # no newline after it: the line a kill interrupted
+    with path.open("rb") as handle:  # streamed: a corpus file can hold millions of rows
+        for number, line in enumerate(handle, start=1):
+            complete = line.endswith(b"\n")
+            try:
+                row = json.loads(line)
+                key, row_fingerprint = row["source"], row["config_fingerprint"]
+                if not isinstance(row_fingerprint, str) or not (key is None or isinstance(key, str)):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                if not complete:  # the last line, without its newline: the line a kill interrupted
+                    state.partial_tail = True
+                    break
+                raise VerdictFileError(
+                    f"{path.name}: line {number} is not a verdict row; the file is corrupt or was not written by "
+                    "'guardalign scan --jsonl' (use --force to overwrite it, or write to a new file)"
+                ) from None
+            if not complete:  # complete JSON but no newline: cut off and rescanned, the write may not have finished
                 state.partial_tail = True
                 break
-            raise VerdictFileError(
-                f"{path.name}: line {number} is not a verdict row; the file is corrupt or was not written by "
-                "'guardalign scan --jsonl' (use --force to overwrite it, or write to a new file)"
-            ) from None
-        if last:  # complete JSON but no newline: still cut off and rescanned, the write may not have finished
-            state.partial_tail = True
-            break
-        offset += len(line) + 1
-        state.rows += 1
-        if row_fingerprint != fingerprint:
-            other[row_fingerprint] = other.get(row_fingerprint, 0) + 1
-        elif key is not None:
-            state.done.add(key)
+            offset += len(line)
+            state.rows += 1
+            if row_fingerprint != fingerprint:
+                other[row_fingerprint] = other.get(row_fingerprint, 0) + 1
+            elif key is not None:
+                state.done.add(key)
     state.valid_bytes = offset
     if other:
         count = sum(other.values())

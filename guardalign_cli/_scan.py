@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,23 @@ def _table(results: list[ScanResult]) -> str:
     return "\n".join(lines)
 
 
-def run_scan(args: argparse.Namespace) -> int:
+def _write_images(out_dir: Path, file: Path, result: ScanResult, detector: Any) -> None:
+    """``<name>.masked.png`` and ``<name>.heatmap.png`` for one checked image."""
     from guardalign_core.images import load_image
-    from guardalign_core.thresholds import list_images
     from guardalign_core.visualize import heatmap_overlay
 
+    if result.masked_image is not None:
+        result.masked_image.save(out_dir / f"{file.stem}.masked.png")
+    heatmap_overlay(load_image(str(file), detector.image_limits), result).save(out_dir / f"{file.stem}.heatmap.png")
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    from guardalign_core.thresholds import list_images
+
+    if args.jsonl or args.ray is not None:
+        return _run_corpus_scan(args)
+    if args.resume:
+        raise ValueError("--resume applies to --jsonl FILE")
     config = config_from_args(args)
     files = list_images(args.paths)
     detector = create_detector(config)
@@ -103,10 +116,7 @@ def run_scan(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     for file, result in zip(files, results):
         if out_dir and result.status == Status.OK:
-            stem = file.stem
-            if result.masked_image is not None:
-                result.masked_image.save(out_dir / f"{stem}.masked.png")
-            heatmap_overlay(load_image(str(file), detector.image_limits), result).save(out_dir / f"{stem}.heatmap.png")
+            _write_images(out_dir, file, result, detector)
         if args.json:
             sys.stdout.write(json.dumps(result.model_dump(mode="json")) + "\n")
     if not args.json:
@@ -121,6 +131,95 @@ def run_scan(args: argparse.Namespace) -> int:
         )
         if detector.config.pretrained is None:
             sys.stdout.write("note: random CLIP weights: the scores mean nothing (mechanics only)\n")
+    return 0
+
+
+_RAY_ADDRESS = re.compile(r"^(auto|local|(ray://)?[\w.\-\[\]:]+:\d{1,5})$")
+
+
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed} elapsed, ETA {remaining}, {rate_noinv_fmt}]"
+"""Always images/s (tqdm's default flips to s/img below one image a second), and the ETA."""
+
+
+class _StdoutRows:
+    """JSON lines on stdout, chunk by chunk (``--ray`` without ``--jsonl``)."""
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        sys.stdout.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        pass
+
+
+def _run_corpus_scan(args: argparse.Namespace) -> int:
+    """Stream verdict rows, chunk by chunk, to ``--jsonl`` (resumable) or stdout, in-process or through Ray."""
+    from guardalign_core.corpus import VerdictJsonlWriter, read_resume_state, verdict_row
+    from guardalign_core.memory import config_fingerprint
+    from guardalign_core.thresholds import list_images
+    from tqdm.auto import tqdm
+
+    if args.resume and not args.jsonl:
+        raise ValueError("--resume applies to --jsonl FILE")
+    if args.resume and args.force:
+        raise ValueError("--resume continues the file and --force overwrites it: pass one of them")
+    if args.ray is not None and not _RAY_ADDRESS.match(args.ray):
+        raise ValueError(f"--ray: {args.ray[:80]!r} is not a Ray address (host:port, ray://host:port or auto); put image paths before --ray")
+    if args.ray is not None and args.out:
+        raise ValueError("--out is not supported with --ray (write the verdicts with --jsonl and mask from them, or scan without --ray)")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size: must be at least 1, got {args.chunk_size}")
+    config = config_from_args(args)
+    detector = create_detector(config)
+    fingerprint = config_fingerprint(config, detector)
+    files = list(dict.fromkeys(p.resolve() for p in list_images(args.paths)))  # each image once, keyed by its resolved path
+    state = read_resume_state(args.jsonl, fingerprint) if args.jsonl and args.resume else None
+    todo = [f for f in files if state is None or str(f) not in state.done]
+    sink = VerdictJsonlWriter(args.jsonl, resume=bool(args.resume), force=args.force, state=state) if args.jsonl else _StdoutRows()
+    out_dir = Path(args.out) if args.out else None
+    if out_dir:
+        refuse_overwrite("--out", (out_dir / f"{f.stem}.{kind}.png" for f in todo for kind in ("masked", "heatmap")), force=args.force)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    show = args.progress or (args.progress is None and sys.stderr.isatty())
+    bar = tqdm(total=len(todo), unit="img", desc="scan", file=sys.stderr, disable=not show, smoothing=0.1, bar_format=_BAR)
+    counts = {"rows": 0, "unsafe": 0, "errors": 0}
+
+    def record(rows: list[dict[str, Any]]) -> None:
+        sink.write_rows(rows)  # durable before the next chunk is scanned: a kill loses at most one chunk
+        counts["rows"] += len(rows)
+        counts["unsafe"] += sum(bool(r["unsafe"]) for r in rows)
+        counts["errors"] += sum(r["status"] == Status.ERROR.value for r in rows)
+        bar.update(len(rows))
+
+    try:
+        if args.ray is not None:
+            from guardalign_core.distributed import scan_files
+
+            address = None if args.ray == "local" else args.ray
+            for rows in scan_files([str(f) for f in todo], config, address=address, batch_size=args.chunk_size,
+                                   concurrency=args.actors, num_gpus=args.gpus_per_actor):
+                record(rows)
+        else:
+            for start in range(0, len(todo), args.chunk_size):
+                chunk = todo[start : start + args.chunk_size]
+                results = detector.scan([str(f) for f in chunk], sources=[str(f) for f in chunk])
+                if out_dir:
+                    for file, result in zip(chunk, results):
+                        if result.status == Status.OK:
+                            _write_images(out_dir, file, result, detector)
+                record([verdict_row(r, fingerprint=fingerprint, source=str(f)) for f, r in zip(chunk, results)])
+    finally:
+        bar.close()
+        sink.close()
+    skipped = len(files) - len(todo)
+    where = f"wrote {args.jsonl}" if args.jsonl else "rows on stdout"
+    (sys.stdout if args.jsonl else sys.stderr).write(
+        f"{counts['rows']} image(s) scanned, {counts['unsafe']} unsafe, {counts['errors']} error(s)"
+        + (f", {skipped} already in {Path(args.jsonl).name} (skipped)" if state is not None else "")
+        + f"; {where}; detector {detector.name} on {detector.config.backbone_id}"
+        + (" through Ray" if args.ray is not None else "")
+        + "\n"
+    )
     return 0
 
 
@@ -149,7 +248,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     scan.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     scan.add_argument("--json", action="store_true", help="print one JSON object per image (JSON lines)")
     scan.add_argument("--out", metavar="DIR", help="write <name>.masked.png and <name>.heatmap.png per image")
-    scan.add_argument("--force", action="store_true", help="overwrite files that already exist in --out")
+    corpus = scan.add_argument_group("corpus scale (docs/scale.md)")
+    corpus.add_argument("--jsonl", metavar="FILE", help="stream one verdict row per image to FILE as it is produced (durable per chunk)")
+    corpus.add_argument("--resume", action="store_true", help="continue --jsonl FILE: skip images already in it (same config only)")
+    corpus.add_argument("--force", action="store_true", help="overwrite an existing --jsonl FILE and files that already exist in --out")
+    corpus.add_argument("--chunk-size", type=int, default=64, metavar="N", help="images per detector.scan call (and per durable write; default 64)")
+    corpus.add_argument(
+        "--ray", nargs="?", const="local", metavar="ADDRESS",
+        help="scan through Ray Data (extra 'ray'): a new local cluster, or ADDRESS (host:port, ray://host:port, auto); put paths before it",
+    )
+    corpus.add_argument("--actors", type=int, default=1, metavar="N", help="with --ray: actors, each with its own CLIP (default 1)")
+    corpus.add_argument("--gpus-per-actor", type=float, metavar="G", help="with --ray: GPUs per actor (default: 1 when the cluster has GPUs)")
+    corpus.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar with images/s and ETA on stderr (default: when stderr is a terminal)")
     add_detector_options(scan)
     scan.set_defaults(func=run_scan)
 

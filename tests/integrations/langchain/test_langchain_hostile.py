@@ -286,3 +286,23 @@ def test_text_like_blocks_with_citations_options_and_provider_tokens_still_pass(
     ]
     verdict = _guard(make_config).check(history)
     assert not verdict.blocked and verdict.refused is None and verdict.images == []
+
+
+def test_the_cache_key_covers_the_concept_bank_and_its_contents(make_config: Callable[..., Any], tmp_path: Path) -> None:
+    """A different bank file, or the same file edited, changes what is masked: it must change the key."""
+    import yaml
+
+    from importlib import resources
+
+    shipped = yaml.safe_load(resources.files("guardalign_core").joinpath("data/unsafe_concepts.yaml").read_text(encoding="utf-8"))
+    bank = tmp_path / "bank.yaml"
+    bank.write_text(yaml.safe_dump({"version": 1, "categories": dict(list(shipped["categories"].items())[:2])}))
+    base = make_config(ALL_UNSAFE)
+
+    def key(config: Any) -> str:
+        return GuardedChatModel(model=RecordingChatModel(), guard=config)._identifying_params["guard"]["fingerprint"]
+
+    with_bank = base.model_copy(update={"detector": base.detector.model_copy(update={"concepts": str(bank)})})
+    first = key(with_bank)
+    bank.write_text(yaml.safe_dump({"version": 1, "categories": dict(list(shipped["categories"].items())[:1])}))
+    assert len({key(base), first, key(with_bank)}) == 3

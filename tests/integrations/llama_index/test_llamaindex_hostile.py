@@ -247,3 +247,63 @@ def test_thinking_signatures_still_pass(make_config, recording_llm):
                ChatMessage(role="user", blocks=[TextBlock(text="go on")])]
     GuardAlignLLM(recording_llm, make_config(100.0, local_files=False), on_block="raise").chat(history)
     assert len(recording_llm.last_messages) >= 3
+
+
+# -- the two adapters agree: guard forms, argument names, prefill ---------------------------------
+
+
+def _guard_forms(config, tmp_path: Path) -> dict[str, object]:
+    (tmp_path / "guard.json").write_text(config.model_dump_json())
+    return {"preset": "fast-cpu", "config": config, "dict": config.model_dump(mode="json"), "file": str(tmp_path / "guard.json")}
+
+
+@pytest.mark.parametrize("form", ["preset", "config", "dict", "file"])
+def test_guard_accepts_what_the_langchain_side_accepts(form, make_config, recording_llm, tmp_path):
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from guardalign_core.config import get_preset
+    from guardalign_integrations.langchain import GuardedChatModel
+
+    config = make_config(-1.0)
+    spec = _guard_forms(config, tmp_path)[form]
+    expected = get_preset("fast-cpu") if form == "preset" else config
+    li = GuardAlignLLM(recording_llm, guard=spec)
+    lc = GuardedChatModel(model=FakeListChatModel(responses=["ok"]), guard=spec)
+    assert li.guard.config == expected and lc.guard.config == expected
+    assert GuardAlignMultiModalLLM(recording_llm, guard=spec).guard.config == expected
+
+
+@pytest.mark.parametrize("bad, error", [(42, TypeError), ("no-such-preset", ValueError), ("missing.yaml", ValueError)])
+def test_a_bad_guard_fails_at_construction_in_every_adapter(bad, error, recording_llm, tmp_path):
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from pydantic import ValidationError
+
+    from guardalign_integrations.langchain import GuardedChatModel
+
+    bad = str(tmp_path / bad) if bad == "missing.yaml" else bad
+    with pytest.raises(error):
+        GuardAlignLLM(recording_llm, guard=bad)
+    with pytest.raises(error):
+        GuardAlignMultiModalLLM(recording_llm, guard=bad)
+    with pytest.raises((error, ValidationError)):
+        GuardedChatModel(model=FakeListChatModel(responses=["ok"]), guard=bad)
+
+
+def test_every_adapter_names_the_refusal_argument_refusal(make_config, recording_llm):
+    import inspect
+
+    from guardalign_integrations.langchain import GuardAlignMiddleware, GuardedChatModel
+
+    assert "refusal" in GuardedChatModel.model_fields and "refusal" in inspect.signature(GuardAlignMiddleware).parameters
+    for adapter in (GuardAlignLLM, GuardAlignMultiModalLLM):
+        assert "refusal" in adapter.model_fields and "refusal_text" not in adapter.model_fields
+        with pytest.warns(DeprecationWarning, match="refusal_text is renamed refusal"):
+            assert adapter(recording_llm, make_config(-1.0), refusal_text="No.").refusal == "No."
+
+
+def test_prefill_without_trailing_whitespace_reaches_a_chat_model_behind_the_legacy_adapter(make_config, recording_llm, benign_path):
+    mm = GuardAlignMultiModalLLM(recording_llm, make_config(100.0, prefill=True, local_files=False))
+    document = ImageDocument(image=base64.b64encode(benign_path.read_bytes()).decode(), image_mimetype="image/png")
+    mm.complete("describe", image_documents=[document])
+    last = recording_llm.last_messages[-1]
+    assert last.role == MessageRole.ASSISTANT and last.content and last.content == last.content.rstrip()

@@ -19,7 +19,9 @@ show the same thing everywhere) or, where renderers disagree about it, refused:
   other than sRGB primaries and no profile, ``cICP`` other than sRGB, and a colour chunk
   Pillow could not read are refused.
 
-Whatever is present, the image is never forwarded as sent (see ``_decode._why_reencode``).
+The original bytes may still be forwarded only when applying the metadata changed no pixel by
+more than one level (it only declares sRGB); otherwise the checked pixels go out re-encoded,
+without any of it (see ``_decode``).
 """
 
 from __future__ import annotations

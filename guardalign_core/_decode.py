@@ -237,8 +237,12 @@ def _decode(data: bytes, limits: ImageLimits, source: str | None, budget: Reques
             f"its EXIF metadata is malformed ({type(err).__name__}); re-save the image without metadata and send it again",
             source=source,
         ) from None
-    rgb = normalise_colour(to_rgb(convert_cmyk_profile(image, colour, source), in_place=True), mode, colour, source)
-    why = _why_reencode(mode, transparent, fmt, frames, orientation, colour, data)
+    raw = to_rgb(convert_cmyk_profile(image, colour, source), in_place=True)
+    rgb = normalise_colour(raw, mode, colour, source)
+    # Metadata that only declares sRGB (an sRGB chunk or profile, a matching gAMA) renders as
+    # the raw samples do: the original may still go as sent. Anything else must not.
+    renders_alike = rgb is raw or _max_difference(rgb, raw) <= 1
+    why = _why_reencode(mode, transparent, fmt, frames, orientation, colour if not renders_alike else None, data)
     rgb.info = {}  # nothing that changes rendering (a profile, tRNS, EXIF) may travel with the checked pixels
     return DecodedImage(rgb=rgb, format=fmt, mime=_MIME[fmt], frames=frames, forward_as_sent=not why, why_reencode=why, data=data)
 
@@ -252,8 +256,15 @@ def _frame_count(image: Image.Image) -> int:
     return max(int(getattr(image, "n_frames", 2)), 2)
 
 
+def _max_difference(a: Image.Image, b: Image.Image) -> int:
+    """The largest per-channel difference between two RGB images of one size (C code, one temporary image)."""
+    from PIL import ImageChops
+
+    return max(high for _low, high in ImageChops.difference(a, b).getextrema())
+
+
 def _why_reencode(
-    mode: str, transparent: bool, fmt: str, frames: int, orientation: object, colour: ColourInfo, data: bytes
+    mode: str, transparent: bool, fmt: str, frames: int, orientation: object, colour: ColourInfo | None, data: bytes
 ) -> str:
     """Why a model decoding ``data`` might not see the checked pixels ("" if it would)."""
     if fmt not in _AS_SENT_FORMATS:
@@ -266,7 +277,7 @@ def _why_reencode(
         return "transparency was composited on white; a loader that drops it would see hidden pixels"
     if orientation not in (None, 1):
         return "EXIF rotation was applied; a loader that ignores it would see other pixels"
-    if colour.chunks:
+    if colour is not None and colour.chunks:
         return f"rendering metadata ({', '.join(colour.chunks)}) was applied; a viewer that applies it differently would see other pixels"
     if fmt == "PNG" and (len(data) < 26 or data[24] != 8 or data[25] not in (0, 2)):
         return "not an 8-bit greyscale or RGB PNG"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ._colour import ColourInfo, convert_cmyk_profile, normalise_colour, read_colour_info
 from ._limits import ImageLimits
 from .errors import (
     CorruptImageError,
@@ -72,8 +73,9 @@ class DecodedImage:
     """A decoded, checked image and how it may be forwarded.
 
     Attributes:
-        rgb: the checked 8-bit RGB pixels (EXIF orientation applied, transparency composited
-            on white, frame 0 of a multi-frame input). This is what the detector scans.
+        rgb: the checked 8-bit sRGB pixels (EXIF orientation applied, an ICC profile or PNG
+            gamma applied as a colour-managed viewer would, transparency composited on white,
+            frame 0 of a multi-frame input), with an empty ``info``. This is what the detector scans.
         format: the Pillow format of the input (``"PNG"``, ``"JPEG"``, ...).
         mime: the MIME type of the input bytes, from their decoded format (not from any
             declared type, which may lie).
@@ -225,17 +227,23 @@ def _decode(data: bytes, limits: ImageLimits, source: str | None, budget: Reques
     frames = _frame_count(image)
     image.load()
     check_shape(image.size, limits, source)  # a container may hold other than its header says
+    colour = read_colour_info(image, data, source)  # refuses what renderers would show inconsistently
+    mode, transparent = image.mode, "transparency" in image.info
     try:
         orientation = image.getexif().get(0x0112)
-        rgb = to_rgb(image, in_place=True)
-    except ImageError:
-        raise
+        ImageOps.exif_transpose(image, in_place=True)  # before a colour transform, which drops the EXIF
     except (SyntaxError, struct.error, TypeError, ValueError, KeyError, IndexError, OSError) as err:
         raise CorruptImageError(
             f"its EXIF metadata is malformed ({type(err).__name__}); re-save the image without metadata and send it again",
             source=source,
         ) from None
-    why = _why_reencode(image, fmt, frames, orientation, data)
+    raw = to_rgb(convert_cmyk_profile(image, colour, source), in_place=True)
+    rgb = normalise_colour(raw, mode, colour, source)
+    # Metadata that only declares sRGB (an sRGB chunk or profile, a matching gAMA) renders as
+    # the raw samples do: the original may still go as sent. Anything else must not.
+    renders_alike = rgb is raw or _max_difference(rgb, raw) <= 1
+    why = _why_reencode(mode, transparent, fmt, frames, orientation, colour if not renders_alike else None, data)
+    rgb.info = {}  # nothing that changes rendering (a profile, tRNS, EXIF) may travel with the checked pixels
     return DecodedImage(rgb=rgb, format=fmt, mime=_MIME[fmt], frames=frames, forward_as_sent=not why, why_reencode=why, data=data)
 
 
@@ -248,18 +256,29 @@ def _frame_count(image: Image.Image) -> int:
     return max(int(getattr(image, "n_frames", 2)), 2)
 
 
-def _why_reencode(image: Image.Image, fmt: str, frames: int, orientation: object, data: bytes) -> str:
+def _max_difference(a: Image.Image, b: Image.Image) -> int:
+    """The largest per-channel difference between two RGB images of one size (C code, one temporary image)."""
+    from PIL import ImageChops
+
+    return max(high for _low, high in ImageChops.difference(a, b).getextrema())
+
+
+def _why_reencode(
+    mode: str, transparent: bool, fmt: str, frames: int, orientation: object, colour: ColourInfo | None, data: bytes
+) -> str:
     """Why a model decoding ``data`` might not see the checked pixels ("" if it would)."""
     if fmt not in _AS_SENT_FORMATS:
         return f"{fmt} is forwarded as PNG"
     if frames > 1:
         return "multi-frame image: only frame 0 was scanned, so only frame 0 is forwarded"
-    if image.mode not in ("RGB", "L"):
-        return f"mode {image.mode} is converted to RGB differently by other decoders"
-    if "transparency" in image.info:
+    if mode not in ("RGB", "L"):
+        return f"mode {mode} is converted to RGB differently by other decoders"
+    if transparent:
         return "transparency was composited on white; a loader that drops it would see hidden pixels"
     if orientation not in (None, 1):
         return "EXIF rotation was applied; a loader that ignores it would see other pixels"
+    if colour is not None and colour.chunks:
+        return f"rendering metadata ({', '.join(colour.chunks)}) was applied; a viewer that applies it differently would see other pixels"
     if fmt == "PNG" and (len(data) < 26 or data[24] != 8 or data[25] not in (0, 2)):
         return "not an 8-bit greyscale or RGB PNG"
     idat = data.find(b"IDAT")

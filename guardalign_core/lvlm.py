@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import _compat
+from . import _compat, _hub
 from .calibration import CalibrationConfig, apply_calibration, calibrated, calibrated_layers, find_prefix_spans
 from .errors import ModelLoadError
 
@@ -222,11 +222,29 @@ class LocalLVLM:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
             dtype = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)
+
+            def from_pretrained(local_files_only: bool) -> tuple[Any, Any]:
+                kwargs = {"trust_remote_code": self.trust_remote_code, "local_files_only": local_files_only}
+                processor = AutoProcessor.from_pretrained(self.model_id, **kwargs)
+                model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=dtype, attn_implementation="sdpa", **kwargs)
+                return processor, model
+
             try:
-                processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code)
-                model = AutoModelForImageTextToText.from_pretrained(
-                    self.model_id, dtype=dtype, attn_implementation="sdpa", trust_remote_code=self.trust_remote_code
-                )
+                # Weights on disk (a folder, or the Hugging Face cache) load with no network at all; a
+                # download is tried only when the hub answers one quick probe (see _hub): a missing
+                # checkpoint offline fails in seconds, not after 47 s of retries.
+                try:
+                    processor, model = from_pretrained(local_files_only=True)
+                except OSError:
+                    if _hub.is_local_path(self.model_id) or _hub.is_offline() or not _hub.hub_reachable():
+                        if not _hub.is_local_path(self.model_id):
+                            raise _hub.weights_not_fetched(
+                                "the model", self.model_id,
+                                "LocalLVLM('/path/to/checkpoint') with a folder holding config.json, the processor files and the weights",
+                                repo_id=self.model_id,
+                            ) from None
+                        raise
+                    processor, model = from_pretrained(local_files_only=False)
             except (OSError, ValueError, KeyError) as err:
                 raise ModelLoadError(
                     f"could not load {self.model_id!r} with AutoModelForImageTextToText/AutoProcessor: {err}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import warnings
 from functools import cached_property
@@ -73,6 +74,48 @@ def model_build_kwargs(model_name: str, pretrained: str | None) -> dict:
     return {"force_quick_gelu": True} if tag_cfg.get("quick_gelu") else {}
 
 
+_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_LOCAL_CLIP_HINT = "DetectorConfig(pretrained='/path/to/open_clip_pytorch_model.bin') (or 'local-dir:/path' as the model name)"
+
+
+def check_weights_fetchable(model_name: str, pretrained: str | None) -> None:
+    """Fail in seconds, with one clear error, when the weights are not on disk and cannot be downloaded now.
+
+    open_clip downloads missing weights through ``huggingface_hub`` (trying a safetensors
+    alternative first, each file with five backed-off retries: 47 s and 20+ warnings with no
+    hub) or, for a few tags, by plain URL with no timeout at all. Weights already cached or
+    given as a path pass straight through; see :mod:`guardalign_core._hub`.
+
+    Raises:
+        ModelLoadError: not on disk, and offline or the source does not answer a quick probe.
+    """
+    from .. import _hub
+
+    if model_name.startswith("local-dir:") or (pretrained is None and not model_name.startswith("hf-hub:")):
+        return
+    if model_name.startswith("hf-hub:"):
+        repo = model_name[len("hf-hub:"):]
+        _hub.check_hub_weights("the CLIP backbone", model_name, repo, ("open_clip_config.json", *_CLIP_WEIGHT_FILES), _LOCAL_CLIP_HINT)
+        return
+    if _hub.is_local_path(pretrained):  # type: ignore[arg-type]
+        return
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}  # type: ignore[arg-type]
+    name = f"{model_name}/{pretrained}"
+    if not cfg or "file" in cfg:
+        return  # an unknown tag: open_clip refuses it at once, naming the tag
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # as open_clip reads it: 'org/name/' means the default file
+        files = (filename, filename.replace(".bin", ".safetensors")) if filename else _CLIP_WEIGHT_FILES
+        _hub.check_hub_weights("the CLIP backbone", name, repo, files, _LOCAL_CLIP_HINT)
+        return
+    url = cfg.get("url", "")
+    cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    if url and not cached.is_file() and not _hub.url_reachable(url):
+        raise _hub.weights_not_fetched("the CLIP backbone", name, _LOCAL_CLIP_HINT, source=url.split("/")[2])
+
+
 def build_open_clip_model(
     model_name: str, pretrained: str | None, *, device: str = "cpu", dtype: str = "float32", load_weights: bool = True
 ) -> torch.nn.Module:
@@ -85,6 +128,8 @@ def build_open_clip_model(
     _register_shipped_configs()
     import open_clip
 
+    if load_weights:
+        check_weights_fetchable(model_name, pretrained)
     kwargs = model_build_kwargs(model_name, pretrained)
     if not model_name.startswith(("hf-hub:", "local-dir:")):
         kwargs["pretrained"] = pretrained if load_weights else None

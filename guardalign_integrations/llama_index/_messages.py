@@ -4,7 +4,8 @@ Nothing here runs a model or a guard. :func:`find_images` reports every image of
 request (``ImageBlock``, a ``DocumentBlock`` holding an image, images inside ``CitableBlock``
 and ``CitationBlock``) as a :class:`~guardalign_core.screening.ContentImage`, and refuses by
 name what it cannot check (``VideoBlock``, a non-image ``DocumentBlock``, any unknown block
-type) unless its type is allow-listed; :func:`write_back` puts the verdict's bytes back.
+type, a subclass of a known block other than ``ImageBlock``, a ``ThinkingBlock`` holding
+inline data beside its signature) unless its type is allow-listed; :func:`write_back` puts the verdict's bytes back.
 Nodes and legacy image documents get the same two steps.
 
 Rules they share:
@@ -42,6 +43,7 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.schema import BaseNode, ImageNode, MediaResource, Node
 
+from guardalign_core._payloads import inline_media
 from guardalign_core.screening import ContentImage, sniff_mime
 from guardalign_core.verdicts import DEFAULT_REFUSAL, Forward, ImageVerdict, RequestVerdict, SafetyDelivery, SafetyPrompt
 
@@ -62,7 +64,11 @@ __all__ = [
 ]
 
 _TEXT_ONLY = (TextBlock, ThinkingBlock, ToolCallBlock, CachePoint)
-"""Block types known to carry no image."""
+"""Block types known to carry no image (tool-call arguments are JSON text to a model)."""
+_KNOWN = (*_TEXT_ONLY, ImageBlock, AudioBlock, VideoBlock, DocumentBlock, CitableBlock, CitationBlock)
+"""The block classes understood here; a subclass of one of them is refused unless allow-listed."""
+_OPAQUE_KEYS = frozenset({"signature", "encrypted_content"})
+"""Provider-encrypted tokens in ``ThinkingBlock.additional_information``, never decoded as media."""
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -109,7 +115,7 @@ def _source(data: Any, path: Any, url: Any) -> Any:
 
 def _image_block(block: ImageBlock, path: tuple[int, ...], label: str) -> FoundBlock:
     sources = sum(x is not None for x in (block.image, block.path, block.url))
-    inline = block.image is not None and sources == 1
+    inline = type(block) is ImageBlock and block.image is not None and sources == 1  # only a plain block may go as it came
     return FoundBlock(path, ContentImage(label, source=_source(block.image, block.path, block.url), mime=block.image_mimetype), block, inline)
 
 
@@ -146,11 +152,18 @@ def _audio(block: AudioBlock, path: tuple[int, ...], label: str) -> FoundBlock |
 
 
 def _block(block: Any, path: tuple[int, ...], label: str, allow: frozenset[str]) -> list[FoundBlock]:
-    if isinstance(block, _TEXT_ONLY):
-        return []
     if isinstance(block, ImageBlock):
-        return [_image_block(block, path, label)]
+        return [_image_block(block, path, label)]  # a subclass too: screened, then rewritten as a plain ImageBlock
     if type(block).__name__ in allow:
+        return []
+    if type(block) not in _KNOWN and isinstance(block, _KNOWN):
+        # A subclass can add fields (or serialise itself) in ways a provider adapter forwards
+        # and this walker cannot see: default deny.
+        base = next(k for k in _KNOWN if isinstance(block, k))
+        return [_refused(path, label, block, f"is a subclass of {base.__name__} the guard does not know")]
+    if isinstance(block, _TEXT_ONLY):
+        if isinstance(block, ThinkingBlock) and inline_media(block.additional_information, opaque_keys=_OPAQUE_KEYS):
+            return [_refused(path, label, block, "carries inline data (bytes, base64 or a data: URL) in additional_information")]
         return []
     if isinstance(block, AudioBlock):
         found = _audio(block, path, label)

@@ -63,13 +63,16 @@ class GuardAlignLLM(GuardedEndpoints, LLM):
     Args:
         llm: the LlamaIndex LLM to guard.
         config: a preset name, config file or :class:`GuardConfig` (default: ``GuardConfig()``).
-        guard: an existing :class:`ImageGuard` to share instead of ``config``.
+        guard: what the LangChain adapters accept: an existing :class:`ImageGuard` to share, a
+            preset name, a config file, a :class:`GuardConfig` or its dict (instead of ``config``);
+            anything else fails here, not at the first image.
         action: shortcut for ``config.policy.action``: ``"mask"`` (default), ``"block"``, ``"flag"``.
         fail_open: shortcut for ``config.policy.fail_open`` (default ``False``: an image that
             cannot be checked blocks the request).
-        on_block: ``"refuse"`` (default) returns :attr:`refusal_text` as the answer;
+        on_block: ``"refuse"`` (default) returns :attr:`refusal` as the answer;
             ``"raise"`` raises :class:`~guardalign_core.errors.GuardAlignViolation`.
-        refusal_text: the assistant text of a refusal.
+        refusal: the assistant text of a refusal (the LangChain adapters' name; the old
+            ``refusal_text`` still works, with a ``DeprecationWarning``).
         reuse_checked: reuse this guard's verdicts on inline images and files it already
             checked, and pass on images it sanitised itself unchanged (default ``True``).
         **kwargs: other ``LLM`` fields (``system_prompt`` defaults to the wrapped model's).

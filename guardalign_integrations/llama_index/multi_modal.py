@@ -72,7 +72,7 @@ class GuardAlignMultiModalLLM(GuardedEndpoints, MultiModalLLM):
     Args:
         llm: the model to guard: a legacy ``MultiModalLLM``, or a chat ``LLM`` (then
             ``complete`` sends the images and prompt as one user message).
-        config, guard, action, fail_open, on_block, refusal_text, reuse_checked: as for
+        config, guard, action, fail_open, on_block, refusal, reuse_checked: as for
             :class:`GuardAlignLLM`.
 
     Example:

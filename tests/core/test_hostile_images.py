@@ -285,7 +285,9 @@ def _animated(fmt: str) -> bytes:
 
 def _photo(width: int, height: int) -> Image.Image:
     """A crop of a real photo (JPEG re-encoding error on noise is not what users send)."""
-    return Image.open(shared_data("benign") / "chelsea.png").convert("RGB").crop((100, 50, 100 + width, 50 + height))
+    photo = Image.open(shared_data("benign") / "chelsea.png").convert("RGB").crop((100, 50, 100 + width, 50 + height))
+    photo.info = {}  # the file's own sRGB iCCP would otherwise be written again by PNG saves
+    return photo
 
 
 def _exif_rotated_jpeg() -> bytes:
@@ -370,6 +372,206 @@ def test_multi_frame_input_reports_its_frames_and_scans_frame_zero():
     decoded = decode_image(_animated("TIFF"))
     assert decoded.frames == 2 and decoded.format == "TIFF"
     assert np.all(np.asarray(decoded.rgb) == 255)  # frame 0 (white), not the noise of frame 1
+
+
+# -- 3b. Rendering metadata: gamma, ICC profiles, cICP (a viewer applies them, Pillow does not) ------
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _png_chunk_names(data: bytes) -> list[bytes]:
+    names, pos = [], 8
+    while pos + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        names.append(data[pos + 4 : pos + 8])
+        pos += 12 + length
+    return names
+
+
+def _with_png_chunks(png: bytes, *chunks: tuple[bytes, bytes]) -> bytes:
+    """``png`` with ancillary chunks inserted right after IHDR (where the spec puts colour chunks)."""
+    head = 8 + 12 + 13
+    return png[:head] + b"".join(_chunk(kind, body) for kind, body in chunks) + png[head:]
+
+
+def _rgb_icc_profile(gamma: float) -> bytes:
+    """A minimal ICC v2 RGB display profile: sRGB primaries (D50-adapted), tone curves of ``gamma``."""
+    def s15(x: float) -> bytes:
+        return struct.pack(">i", round(x * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
+
+    text = b"guardalign test\x00"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4) + bytes(4) + bytes(3) + bytes(67)
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    tags = [
+        (b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)), (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+        (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve),
+    ]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for sig, data in tags:
+        data += bytes(-len(data) % 4)
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = (
+        struct.pack(">I", size) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + bytes(12) + b"acsp"
+        + bytes(24) + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48)
+    )
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def _near_white(exponent: float) -> np.ndarray:
+    """A photo's samples raised to ``exponent`` (≪ 1): all within a few levels of white, so they scan as blank."""
+    photo = np.asarray(_photo(64, 48)).astype(np.float64) / 255.0
+    return np.rint(255.0 * np.clip(photo, 16 / 255, 1.0) ** exponent).astype(np.uint8)
+
+
+def _gamma_png(gamma: float = 0.01) -> bytes:
+    """gAMA 0.01: a viewer shows ``sample^(1/(0.01·2.2))``, a picture; Pillow decodes the near-white samples."""
+    png = _encode(Image.fromarray(_near_white(gamma * 2.2)))
+    return _with_png_chunks(png, (b"gAMA", struct.pack(">I", round(gamma * 100000))))
+
+
+def _icc_image(fmt: str, gamma: float = 40.0) -> bytes:
+    """Near-white samples under a profile whose tone curves (gamma 40) turn them into the picture."""
+    return _encode(Image.fromarray(_near_white(1 / 18)), fmt, icc_profile=_rgb_icc_profile(gamma), **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def _colour_managed_view(data: bytes) -> np.ndarray:
+    """What a colour-managed viewer shows: the embedded profile converted to sRGB by LittleCMS."""
+    from PIL import ImageCms
+
+    image = Image.open(io.BytesIO(data))
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    return np.asarray(ImageCms.profileToProfile(image.convert("RGB"), profile, srgb, outputMode="RGB"))
+
+
+def _assert_forwarded_plain(forwarded_data: bytes, scanned: np.ndarray) -> None:
+    """The forwarded bytes carry no rendering metadata and decode to the scanned pixels."""
+    reopened = Image.open(io.BytesIO(forwarded_data))
+    for key in ("icc_profile", "gamma", "chromaticity", "srgb", "exif", "transparency"):
+        assert key not in reopened.info, key
+    if forwarded_data.startswith(b"\x89PNG"):
+        assert set(_png_chunk_names(forwarded_data)) <= {b"IHDR", b"PLTE", b"IDAT", b"IEND"}, _png_chunk_names(forwarded_data)
+        assert np.array_equal(_model_view(forwarded_data), scanned)
+    else:
+        assert b"ICC_PROFILE" not in forwarded_data and b"Exif\x00\x00" not in forwarded_data and b"ICCP" not in forwarded_data[:64]
+        # JPEG stays JPEG (quality 95, 4:4:4): within its quantisation error, on noisy pixels too
+        assert np.abs(_model_view(forwarded_data).astype(int) - scanned).mean() < 3.0
+
+
+def test_an_extreme_png_gamma_cannot_hide_a_picture_from_the_detector():
+    data = _gamma_png(0.01)
+    raw = _model_view(data)  # what Pillow (and the old detector) sees: near-white
+    assert raw.min() >= 235 and raw.std() < 6
+    decoded = decode_image(data)
+    scanned = np.asarray(decoded.rgb)
+    exponent = 1 / (0.01 * 2.2)
+    viewer = np.rint(255.0 * (raw / 255.0) ** exponent).astype(np.uint8)  # the PNG spec's display rule
+    assert np.abs(scanned.astype(int) - viewer).max() <= 1
+    assert scanned.std() > 30  # the picture the viewer shows is what is scanned
+    assert not decoded.forward_as_sent and "gAMA" in decoded.why_reencode
+    forwarded = prepare_forwarding(decoded)
+    assert forwarded.reencoded
+    _assert_forwarded_plain(forwarded.data, scanned)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_an_icc_profile_is_converted_to_srgb_before_scanning_and_not_forwarded(fmt):
+    data = _icc_image(fmt)
+    assert _model_view(data).std() < 8  # Pillow alone: near-white samples
+    decoded = decode_image(data)
+    scanned = np.asarray(decoded.rgb)
+    viewer = _colour_managed_view(data)
+    assert np.abs(scanned.astype(int) - viewer).max() <= 1 and scanned.std() > 30
+    assert not decoded.forward_as_sent and "ICC profile" in decoded.why_reencode
+    _assert_forwarded_plain(prepare_forwarding(decoded).data, scanned)
+
+
+def test_a_masked_image_with_a_profile_is_forwarded_without_it():
+    """The masked pixels are sRGB: a forwarded profile would re-colour them (and the masked box)."""
+    decoded = decode_image(_icc_image("PNG"))
+    masked = decoded.rgb.copy()
+    masked.paste((0, 0, 0), (0, 0, 32, 24))
+    forwarded = prepare_forwarding(decoded, image=masked)
+    _assert_forwarded_plain(forwarded.data, np.asarray(masked))
+
+
+def test_an_exif_rotated_jpeg_is_forwarded_upright_without_its_exif():
+    data = _exif_rotated_jpeg()
+    decoded = decode_image(data)
+    assert decoded.size == (24, 40) and not decoded.forward_as_sent  # orientation 6: rotated a quarter turn
+    forwarded = prepare_forwarding(decoded)
+    assert Image.open(io.BytesIO(forwarded.data)).getexif().get(0x0112) is None
+    _assert_forwarded_plain(forwarded.data, np.asarray(decoded.rgb))
+
+
+@pytest.mark.parametrize(
+    "name, chunks",
+    [
+        ("sRGB chunk beside a contradicting gAMA", [(b"sRGB", b"\x00"), (b"gAMA", struct.pack(">I", 1000))]),
+        ("cHRM with swapped primaries", [(b"cHRM", struct.pack(">8I", 31270, 32900, 15000, 6000, 30000, 60000, 64000, 33000))]),
+        ("cICP for HDR (PQ)", [(b"cICP", bytes((9, 16, 0, 1)))]),
+        ("unreadable iCCP", [(b"iCCP", b"x\x00\x00" + b"not zlib")]),
+        ("unreadable gAMA", [(b"gAMA", b"\x01")]),
+    ],
+)
+def test_rendering_metadata_that_viewers_disagree_about_is_refused(name, chunks):
+    data = _with_png_chunks(_encode(_photo(32, 32)), *chunks)
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, source="message 0, image 0")
+    message = str(caught.value)
+    assert message.startswith("message 0, image 0") and any(hint in message for hint in ("sRGB", "cannot be read", "damaged")), message
+
+
+def test_an_icc_profile_with_a_mismatched_or_missing_colour_space_is_refused():
+    grey_with_rgb_profile = _encode(_photo(32, 32).convert("L"), "PNG", icc_profile=_rgb_icc_profile(2.2))
+    with pytest.raises(ImageError, match="ICC colour profile"):
+        decode_image(grey_with_rgb_profile)
+    with pytest.raises(ImageError, match="ICC colour profile"):
+        decode_image(_encode(_photo(32, 32), "JPEG", icc_profile=b"\x00" * 200))
+
+
+@pytest.mark.parametrize("declaration", ["srgb-chunks", "srgb-icc-profile"])
+def test_metadata_that_only_declares_srgb_renders_the_same_and_may_go_as_sent(declaration):
+    """Rendering cannot differ, so the fast path stays: the checked bytes are forwarded unchanged."""
+    from PIL import ImageCms
+
+    if declaration == "srgb-chunks":
+        data = _with_png_chunks(_encode(_photo(32, 32)), (b"sRGB", b"\x00"), (b"gAMA", struct.pack(">I", 45455)),
+                                (b"cICP", bytes((1, 13, 0, 1))))
+    else:
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+        data = _encode(_photo(32, 32), "PNG", icc_profile=srgb)
+    decoded = decode_image(data)
+    assert np.abs(np.asarray(decoded.rgb).astype(int) - _model_view(data)).max() <= 1
+    assert decoded.forward_as_sent and prepare_forwarding(decoded).data == data
+
+
+def test_the_screening_step_forwards_the_normalised_pixels(tiny_clip_checkpoint, embed_cache_dir):
+    """End to end: an allowed gAMA image leaves the core re-encoded, as scanned, with no gAMA."""
+    from guardalign_core.config import GuardConfig, PolicyConfig
+    from guardalign_core.guard import ContentImage, ImageGuard
+    from guardalign_core.memory import CheckedImageMemory
+    from guardalign_core.verdicts import Forward
+
+    config = GuardConfig(
+        detector=tiny_detector_config(tiny_clip_checkpoint, threshold=-1.0, cache_dir=str(embed_cache_dir)),
+        policy=PolicyConfig(action="mask"),
+    )
+    guard = ImageGuard(config, memory=CheckedImageMemory())
+    data = _gamma_png(0.01)
+    for _ in range(2):  # the second request is answered from memory: the same normalised bytes
+        (entry,) = guard.screen([ContentImage("messages[0].content[0]", source=data)]).images
+        assert entry.forward == Forward.BYTES and entry.data != data
+        _assert_forwarded_plain(entry.data, np.asarray(decode_image(data).rgb))
 
 
 # -- 4. Oversized base64 is refused from its length, before it is decoded -----------------------

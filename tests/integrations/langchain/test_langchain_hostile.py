@@ -208,3 +208,101 @@ def test_image_bytes_under_an_audio_or_text_label_are_screened(
     out = received.content[1]
     assert original not in repr(out)
     assert _black(base64.b64decode(out["base64"]))
+
+
+# -- raw media under keys and block types the guard does not know (default deny) -----------------
+
+
+def _payloads(png: bytes) -> dict[str, Any]:
+    text = base64.b64encode(png).decode()
+    return {
+        "base64": text,
+        "urlsafe-base64": base64.urlsafe_b64encode(png).decode().rstrip("="),
+        "line-wrapped-base64": "\n".join(text[i : i + 76] for i in range(0, len(text), 76)),
+        "bytes": png,
+        "data-url": f"data:image/png;base64,{text}",
+        "byte-list": list(png[:256]),
+        "nested": {"meta": [{"blob": text}]},
+    }
+
+
+@pytest.mark.parametrize("form", ["base64", "urlsafe-base64", "line-wrapped-base64", "bytes", "data-url", "byte-list", "nested"])
+def test_image_bytes_under_an_unknown_key_of_an_unknown_block_are_refused(
+    make_config: Callable[..., Any], image_paths: list[Path], form: str
+) -> None:
+    payload = _payloads(image_paths[0].read_bytes())[form]
+    message = HumanMessage(content=[{"type": "text", "text": "see"}, {"type": "x-custom", "payload": payload}])
+    inner = RecordingChatModel()
+    with pytest.raises(GuardAlignViolation, match=r"messages\[0\]\.content\[1\].*'x-custom'"):
+        GuardedChatModel(model=inner, guard=_guard(make_config), on_block="raise").invoke([message])
+    assert inner.received == []
+    allowed = GuardedChatModel(model=inner, guard=_guard(make_config, allow_block_types=("x-custom",)))
+    allowed.invoke([message])  # the caller's explicit choice
+    assert inner.received[0][-1].content[1]["type"] == "x-custom"
+
+
+def _fill(value: Any, values: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _fill(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, values) for v in value]
+    return values.get(value, value) if isinstance(value, str) else value
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "text", "text": "hi", "payload": "__B64__"},
+        {"type": "text", "text": "hi", "extras": {"attachment": "__DATA_URL__"}},
+        {"type": "text", "text": "hi", "content": [{"type": "image_url", "image_url": {"url": "https://evil.example/x.png"}}]},
+        {"type": "text", "text": {"type": "image", "base64": "__B64__", "mime_type": "image/png"}},
+        {"type": "reasoning", "reasoning": "thinking", "extras": {"image": "__B64__"}},
+        {"type": "citation", "url": "https://example.com", "cited_text": "x", "preview": "__B64__"},
+    ],
+    ids=["text+base64-key", "text+nested-data-url", "text+nested-image-block", "text-holding-a-block", "reasoning+image", "citation+base64"],
+)
+def test_inline_media_hidden_in_a_text_like_block_is_refused(make_config: Callable[..., Any], image_paths: list[Path], block: dict) -> None:
+    text = b64(image_paths[0])
+    filled = _fill(block, {"__B64__": text, "__DATA_URL__": f"data:image/png;base64,{text}"})
+    verdict = _guard(make_config).check([HumanMessage(content=[filled])])
+    assert verdict.blocked and f"'{block['type']}'" in verdict.refused and "messages[0].content[0]" in verdict.refused
+    assert text not in verdict.refused  # the refusal names the block, never its content
+
+
+def test_text_like_blocks_with_citations_options_and_provider_tokens_still_pass(make_config: Callable[..., Any], image_paths: list[Path]) -> None:
+    """Default deny must not refuse what providers themselves send back in a conversation."""
+    token = base64.b64encode(bytes(range(256)) * 2).decode()  # an opaque provider token looks like base64
+    history = [
+        HumanMessage(content=[{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]),
+        AIMessage(content=[
+            {"type": "thinking", "thinking": "hmm", "signature": token},
+            {"type": "redacted_thinking", "data": token},
+            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "s"}], "encrypted_content": token},
+            {"type": "text", "text": "see", "annotations": [{"type": "url_citation", "url": "https://example.com/a", "title": "a"}]},
+            {"type": "tool_use", "id": "t1", "name": "upload", "input": {"image": b64(image_paths[0])}},
+            {"type": "text", "text": "sha", "id": "a" * 64},
+        ]),
+        HumanMessage(content="thanks"),
+    ]
+    verdict = _guard(make_config).check(history)
+    assert not verdict.blocked and verdict.refused is None and verdict.images == []
+
+
+def test_the_cache_key_covers_the_concept_bank_and_its_contents(make_config: Callable[..., Any], tmp_path: Path) -> None:
+    """A different bank file, or the same file edited, changes what is masked: it must change the key."""
+    import yaml
+
+    from importlib import resources
+
+    shipped = yaml.safe_load(resources.files("guardalign_core").joinpath("data/unsafe_concepts.yaml").read_text(encoding="utf-8"))
+    bank = tmp_path / "bank.yaml"
+    bank.write_text(yaml.safe_dump({"version": 1, "categories": dict(list(shipped["categories"].items())[:2])}))
+    base = make_config(ALL_UNSAFE)
+
+    def key(config: Any) -> str:
+        return GuardedChatModel(model=RecordingChatModel(), guard=config)._identifying_params["guard"]["fingerprint"]
+
+    with_bank = base.model_copy(update={"detector": base.detector.model_copy(update={"concepts": str(bank)})})
+    first = key(with_bank)
+    bank.write_text(yaml.safe_dump({"version": 1, "categories": dict(list(shipped["categories"].items())[:1])}))
+    assert len({key(base), first, key(with_bank)}) == 3

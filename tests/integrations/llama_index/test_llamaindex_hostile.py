@@ -182,3 +182,128 @@ def test_image_bytes_under_an_audio_label_are_refused(benign_path) -> None:
 
     found = find_images([ChatMessage(role="user", blocks=[AudioBlock(audio=benign_path.read_bytes(), format="wav")])])
     assert len(found) == 1 and found[0].image.refusal
+
+
+# -- blocks the walker does not know: subclasses, extra fields, data beside thinking --------------
+
+
+def _smuggling_blocks(png: bytes) -> dict[str, object]:
+    from pydantic import ConfigDict
+
+    from llama_index.core.base.llms.types import AudioBlock, ThinkingBlock
+
+    class AnnotatedText(TextBlock):  # a custom block: a provider adapter may serialise every field
+        attachment: bytes | None = None
+
+    class LooseText(TextBlock):
+        model_config = ConfigDict(extra="allow")
+
+    class TaggedAudio(AudioBlock):
+        cover: str | None = None
+
+    text = base64.b64encode(png).decode()
+    return {
+        "text-subclass-with-an-image-field": AnnotatedText(text="hi", attachment=png),
+        "text-subclass-with-extra-fields": LooseText(text="hi", payload=text),
+        "audio-subclass-with-an-image-field": TaggedAudio(audio=b"RIFF\x00\x00\x00\x00WAVE", cover=text),
+        "thinking-with-an-image": ThinkingBlock(content="hmm", additional_information={"image": text}),
+    }
+
+
+@pytest.mark.parametrize("name", ["text-subclass-with-an-image-field", "text-subclass-with-extra-fields",
+                                  "audio-subclass-with-an-image-field", "thinking-with-an-image"])
+def test_blocks_the_guard_does_not_know_are_refused_by_name(name, make_config, recording_llm, benign_path):
+    block = _smuggling_blocks(benign_path.read_bytes())[name]
+    message = ChatMessage(role="user", blocks=[TextBlock(text="look"), block])
+    llm = GuardAlignLLM(recording_llm, make_config(100.0, local_files=False), on_block="raise")
+    with pytest.raises(GuardAlignViolation, match=rf"messages\[0\]\.blocks\[1\].*{type(block).__name__}"):
+        llm.chat([message])
+    assert recording_llm.calls == []  # nothing reached the model
+    allowed = GuardAlignLLM(recording_llm, make_config(100.0, local_files=False), allow_block_types=(type(block).__name__,))
+    allowed.chat([message])  # the caller's explicit choice
+    assert any(b is block for m in recording_llm.last_messages for b in m.blocks)
+
+
+def test_an_image_block_subclass_is_screened_and_forwarded_as_a_plain_block(make_config, recording_llm, benign_path):
+    class TaggedImage(ImageBlock):
+        thumbnail: bytes | None = None
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    png = buffer.getvalue()  # opaque 8-bit RGB, no metadata: the checked bytes may go as they came
+    block = TaggedImage(image=png, image_mimetype="image/png", thumbnail=benign_path.read_bytes())
+    GuardAlignLLM(recording_llm, make_config(-1.0, local_files=False)).chat([ChatMessage(role="user", blocks=[block])])
+    (sent,) = [b for m in recording_llm.last_messages for b in m.blocks if isinstance(b, ImageBlock)]
+    assert type(sent) is ImageBlock and not hasattr(sent, "thumbnail")  # the unscreened thumbnail does not travel
+    assert sent.resolve_image().read() == png
+
+
+def test_thinking_signatures_still_pass(make_config, recording_llm):
+    from llama_index.core.base.llms.types import ThinkingBlock
+
+    token = base64.b64encode(bytes(range(256)) * 2).decode()
+    history = [ChatMessage(role="user", blocks=[TextBlock(text="hi")]),
+               ChatMessage(role="assistant", blocks=[ThinkingBlock(content="hmm", additional_information={"signature": token}), TextBlock(text="yes")]),
+               ChatMessage(role="user", blocks=[TextBlock(text="go on")])]
+    GuardAlignLLM(recording_llm, make_config(100.0, local_files=False), on_block="raise").chat(history)
+    assert len(recording_llm.last_messages) >= 3
+
+
+# -- the two adapters agree: guard forms, argument names, prefill ---------------------------------
+
+
+def _guard_forms(config, tmp_path: Path) -> dict[str, object]:
+    (tmp_path / "guard.json").write_text(config.model_dump_json())
+    return {"preset": "fast-cpu", "config": config, "dict": config.model_dump(mode="json"), "file": str(tmp_path / "guard.json")}
+
+
+@pytest.mark.parametrize("form", ["preset", "config", "dict", "file"])
+def test_guard_accepts_what_the_langchain_side_accepts(form, make_config, recording_llm, tmp_path):
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from guardalign_core.config import get_preset
+    from guardalign_integrations.langchain import GuardedChatModel
+
+    config = make_config(-1.0)
+    spec = _guard_forms(config, tmp_path)[form]
+    expected = get_preset("fast-cpu") if form == "preset" else config
+    li = GuardAlignLLM(recording_llm, guard=spec)
+    lc = GuardedChatModel(model=FakeListChatModel(responses=["ok"]), guard=spec)
+    assert li.guard.config == expected and lc.guard.config == expected
+    assert GuardAlignMultiModalLLM(recording_llm, guard=spec).guard.config == expected
+
+
+@pytest.mark.parametrize("bad, error", [(42, TypeError), ("no-such-preset", ValueError), ("missing.yaml", ValueError)])
+def test_a_bad_guard_fails_at_construction_in_every_adapter(bad, error, recording_llm, tmp_path):
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from pydantic import ValidationError
+
+    from guardalign_integrations.langchain import GuardedChatModel
+
+    bad = str(tmp_path / bad) if bad == "missing.yaml" else bad
+    with pytest.raises(error):
+        GuardAlignLLM(recording_llm, guard=bad)
+    with pytest.raises(error):
+        GuardAlignMultiModalLLM(recording_llm, guard=bad)
+    with pytest.raises((error, ValidationError)):
+        GuardedChatModel(model=FakeListChatModel(responses=["ok"]), guard=bad)
+
+
+def test_every_adapter_names_the_refusal_argument_refusal(make_config, recording_llm):
+    import inspect
+
+    from guardalign_integrations.langchain import GuardAlignMiddleware, GuardedChatModel
+
+    assert "refusal" in GuardedChatModel.model_fields and "refusal" in inspect.signature(GuardAlignMiddleware).parameters
+    for adapter in (GuardAlignLLM, GuardAlignMultiModalLLM):
+        assert "refusal" in adapter.model_fields and "refusal_text" not in adapter.model_fields
+        with pytest.warns(DeprecationWarning, match="refusal_text is renamed refusal"):
+            assert adapter(recording_llm, make_config(-1.0), refusal_text="No.").refusal == "No."
+
+
+def test_prefill_without_trailing_whitespace_reaches_a_chat_model_behind_the_legacy_adapter(make_config, recording_llm, benign_path):
+    mm = GuardAlignMultiModalLLM(recording_llm, make_config(100.0, prefill=True, local_files=False))
+    document = ImageDocument(image=base64.b64encode(benign_path.read_bytes()).decode(), image_mimetype="image/png")
+    mm.complete("describe", image_documents=[document])
+    last = recording_llm.last_messages[-1]
+    assert last.role == MessageRole.ASSISTANT and last.content and last.content == last.content.rstrip()

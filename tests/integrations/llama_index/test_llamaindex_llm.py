@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock
 from llama_index.core.llms.function_calling import FunctionCallingLLM
@@ -190,7 +191,7 @@ def test_text_only_request_loads_nothing(make_config, recording_llm, decision_ev
     assert [m.role for m in recording_llm.last_messages] == [MessageRole.USER]
 
 
-def test_safety_prompt_added_when_unsafe(make_config, recording_llm, figstep_path, benign_jpeg):
+def test_safety_prompt_added_when_unsafe(make_config, recording_llm, figstep_path, benign_jpeg, tmp_path):
     unsafe = GuardAlignLLM(recording_llm, make_config(100.0))
     system = ChatMessage(role="system", content="You are a helpful assistant.")
     unsafe.chat([system, *image_request(ImageBlock(path=figstep_path))])
@@ -200,13 +201,17 @@ def test_safety_prompt_added_when_unsafe(make_config, recording_llm, figstep_pat
     assert DEFAULT_SAFETY_INSTRUCTION in sent[0].content and 'Begin your answer with "As an AI assistant,"' in sent[0].content
     assert np.count_nonzero(block_pixels(recording_llm.image_blocks()[0])) == 0  # threshold 100: all masked
 
+    # rocket.jpg carries an Adobe RGB profile (its pixels render differently once converted, so
+    # they would be forwarded re-encoded): the same photo without a profile can go as it is.
+    plain_jpeg = tmp_path / "rocket-srgb.jpg"
+    Image.open(benign_jpeg).convert("RGB").save(plain_jpeg, "JPEG", quality=90)
     safe = GuardAlignLLM(recording_llm, make_config(-1.0))
-    safe.chat(image_request(ImageBlock(path=benign_jpeg)))
+    safe.chat(image_request(ImageBlock(path=plain_jpeg)))
     assert [m.role for m in recording_llm.last_messages] == [MessageRole.USER]
     (kept,) = recording_llm.image_blocks()
     # allowed local image: forwarded as the exact file bytes that were checked (no re-encode, no second read)
     assert kept.path is None and kept.url is None and kept.image_mimetype == "image/jpeg"
-    assert kept.resolve_image().read() == benign_jpeg.read_bytes()
+    assert kept.resolve_image().read() == plain_jpeg.read_bytes()
 
 
 async def test_prefill_is_sent_and_kept_in_output(make_config, recording_llm, figstep_path):

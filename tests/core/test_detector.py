@@ -162,7 +162,8 @@ def test_nothing_loads_until_first_scan(config):
 
 def test_threshold_is_in_the_result(config):
     result = create_detector(config, threshold=0.123).scan_one(Image.new("RGB", (8, 8)))
-    assert result.threshold == 0.123 and result.backbone.endswith("tiny-clip.pt")
+    assert result.threshold == 0.123 and result.backbone == "guardalign-tiny-clip/tiny-clip.pt (cpu/float32/torch)"
+    assert result.execution == "cpu/float32/torch"
 
 
 def test_unknown_config_field_is_an_error():

@@ -12,7 +12,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .detector import BaseDetector, PatchBox, _Finding
+from ._findings import Finding as _Finding
+from .detector import BaseDetector
+from .results import PatchBox
 
 __all__ = ["CosineDetector"]
 

@@ -22,7 +22,6 @@ import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -30,16 +29,16 @@ import torch
 from PIL import Image
 
 from ._decode import check_shape
+from ._findings import Finding, PreparedImages, error_finding, finding_result, unsafe_boxes
 from .budget import RequestBudget
 from .concepts import ConceptBank
 from .config import DetectorConfig, GuardConfig, PolicyConfig, resolve_config
 from .encoders import ClipEncoder, encoder_for_config, get_clip_encoder  # noqa: F401 - get_clip_encoder: kept importable here
 from .errors import ImageError, RequestBudgetError
 from .images import DecodedImage, ImageLimits, ImageSource, decode_image, load_image, read_image_bytes
-from .masking import Box
 from .policy import apply_policy
 from .prefetch import prefetch
-from .results import Decision, PatchBox, ScanResult, Status
+from .results import PatchBox, ScanResult
 
 if TYPE_CHECKING:
     from .cosine_detector import CosineDetector
@@ -51,47 +50,6 @@ logger = logging.getLogger(__name__)
 
 _IMAGES_PER_CHUNK = 32
 """Images per chunk: one CLIP batch of g² crops each, one host→device transfer."""
-
-
-@dataclass
-class _Finding:
-    """What a detector measured for one decoded image, before the policy is applied."""
-
-    grid: tuple[int, int]
-    boxes: list[Box]
-    statistic: torch.Tensor  # (M,) what the rule compares with the threshold (lower = more unsafe)
-    unsafe: torch.Tensor  # (M,) bool
-    scores: torch.Tensor | None = None  # (M,) scale-free score, when it differs from the statistic
-    d_ot: torch.Tensor | None = None  # (M,) raw Eq. 9
-    safe_probability: torch.Tensor | None = None  # (M,)
-    expected_costs: torch.Tensor | None = None  # (M, C)
-    top_categories: list[str] = field(default_factory=list)
-    error: str | None = None  # the check could not run on this image (e.g. non-finite features)
-
-
-@dataclass(eq=False)
-class PreparedImages(Sequence):
-    """One chunk after the CPU stage: its decoded images and their model input, ready to encode.
-
-    A sequence of the decoded RGB images (failures left out), so a detector's scoring code
-    reads it like a list of images; ``pixels`` is their model input, concatenated per image
-    in order and already on the encoder's device (``None`` when nothing decoded).
-    """
-
-    offset: int  # position of the chunk's first input in the whole scan
-    labels: list[str]  # one per input of the chunk
-    images: list[Image.Image]  # the decoded inputs, in order
-    positions: list[int]  # each decoded image's position in the chunk
-    errors: dict[int, ImageError]  # chunk position -> why that input could not be decoded
-    reports: dict[int, DecodedImage]  # chunk position -> the decoder's report (bytes inputs)
-    pixels: torch.Tensor | None = None  # (sum of per-image inputs, 3, S, S) on the device
-    timings: dict[str, float] = field(default_factory=dict)  # ms, whole chunk
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self.images[index]
 
 
 def _label(image: Any, index: int) -> str:
@@ -185,7 +143,7 @@ class BaseDetector:
         """One decoded image → its normalised model input on the CPU, (k, 3, S, S)."""
         raise NotImplementedError
 
-    def _score(self, images: Sequence[Image.Image]) -> tuple[list[_Finding], dict[str, float]]:
+    def _score(self, images: Sequence[Image.Image]) -> tuple[list[Finding], dict[str, float]]:
         """Score decoded images (a :class:`PreparedImages` in a scan); one finding per image and stage timings (ms)."""
         raise NotImplementedError
 
@@ -324,7 +282,7 @@ class BaseDetector:
         return PreparedImages(offset, labels, decoded, positions, errors, reports, pixels, timings)
 
     def _finish(
-        self, chunk: PreparedImages, findings: list[_Finding], timings: dict[str, float], policy: PolicyConfig
+        self, chunk: PreparedImages, findings: list[Finding], timings: dict[str, float], policy: PolicyConfig
     ) -> list[ScanResult]:
         """Results for one chunk, in order, with the policy applied (masking happens here)."""
         per_image = {k: v / max(1, len(chunk.labels)) for k, v in {**chunk.timings, **timings}.items()}
@@ -369,55 +327,15 @@ class BaseDetector:
         self, index: int, label: str, err: ImageError | str, policy: PolicyConfig, image: Image.Image | None = None
     ) -> ScanResult:
         """A ``status=error`` finding; :func:`apply_policy` then blocks it, or passes it under ``fail_open``."""
-        what = "forwarded unchecked (fail_open)" if policy.fail_open else "blocked (fail-closed)"
-        kind = type(err).__name__ if isinstance(err, Exception) else "non-finite scores"
-        return ScanResult(
-            **self._base_fields(index, label, policy),
-            status=Status.ERROR,
-            decision=Decision.BLOCK,
-            unsafe=False,
-            reason=f"image could not be checked ({kind}); {what}",
-            error=str(err),
-            image_size=image.size if image is not None else None,
-        )
+        return error_finding(self._base_fields(index, label, policy), err, policy, image)
 
     def _result(
-        self, index: int, label: str, image: Image.Image, finding: _Finding, policy: PolicyConfig, timings: dict[str, float]
+        self, index: int, label: str, image: Image.Image, finding: Finding, policy: PolicyConfig, timings: dict[str, float]
     ) -> ScanResult:
         """The finding for one image: scores, boxes and the checked (unmasked) pixels; the policy is applied after."""
-        rows, cols = finding.grid
-        unsafe_idx = finding.unsafe.nonzero().flatten().tolist()
-        boxes = [
-            PatchBox(
-                x0=finding.boxes[m][0], y0=finding.boxes[m][1], x1=finding.boxes[m][2], y1=finding.boxes[m][3],
-                row=m // cols, col=m % cols, score=float(finding.statistic[m]), category=finding.top_categories[m],
-            )
-            for m in unsafe_idx
-        ]
-        costs = finding.expected_costs
-
-        def grid_of(values: torch.Tensor | None) -> list[list[float]] | None:
-            return values.reshape(rows, cols).tolist() if values is not None else None
-
-        return ScanResult(
-            **self._base_fields(index, label, policy),
-            status=Status.OK,
-            decision=Decision.FLAG if unsafe_idx else Decision.ALLOW,
-            unsafe=bool(unsafe_idx),
-            score=float(finding.statistic.min()),
-            reason=self._reason(finding, boxes),
-            image_size=image.size,
-            grid=(rows, cols),
-            scores=grid_of(finding.scores if finding.scores is not None else finding.statistic),
-            d_ot=grid_of(finding.d_ot),
-            safe_probability=grid_of(finding.safe_probability),
-            statistic=grid_of(finding.statistic) if finding.scores is not None else None,
-            categories=self._category_names() if costs is not None else None,
-            category_costs=costs.reshape(rows, cols, -1).tolist() if costs is not None else None,
-            top_categories=[finding.top_categories[r * cols : (r + 1) * cols] for r in range(rows)],
-            unsafe_boxes=boxes,
-            timings_ms={**{k: round(v, 3) for k, v in timings.items()}, "mask": 0.0},
-            masked_image=image,
+        boxes = unsafe_boxes(finding)
+        return finding_result(
+            self._base_fields(index, label, policy), image, finding, boxes, self._reason(finding, boxes), self._category_names(), timings
         )
 
     def _mask_fill(self) -> tuple[int, int, int]:
@@ -426,7 +344,7 @@ class BaseDetector:
     def _category_names(self) -> list[str] | None:
         return None
 
-    def _reason(self, finding: _Finding, boxes: list[PatchBox]) -> str:
+    def _reason(self, finding: Finding, boxes: list[PatchBox]) -> str:
         raise NotImplementedError
 
 

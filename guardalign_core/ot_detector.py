@@ -18,7 +18,9 @@ from PIL import Image
 
 from .concepts import ConceptBank, bank_from_config
 from .config import DetectorConfig
-from .detector import BaseDetector, PatchBox, _Finding
+from ._findings import Finding as _Finding
+from .detector import BaseDetector
+from .results import PatchBox
 from .encoders import default_cache_dir
 from .masking import grid_boxes
 from .rules import STATISTICS, PatchDecisions, decide_patches

@@ -357,3 +357,23 @@ def test_auto_resolves_in_the_detector_too(tiny_clip_checkpoint, monkeypatch, em
         assert result.execution == expected
     finally:
         encoders.clear_clip_cache()
+
+
+def test_detector_bench_names_the_path_its_agreement_and_the_prefetch_ratio(tiny_clip_checkpoint, shared_images, monkeypatch):
+    import guardalign_core.detector as detector_module
+    from guardalign_core.bench import bench_detector
+
+    monkeypatch.setattr(detector_module, "_IMAGES_PER_CHUNK", 2)  # the prefetch comparison spans two chunks
+
+    paths = [("float32", "torch"), ("bfloat16", "torch")] + ([("float32", "openvino")] if HAS_OPENVINO else [])
+    for dtype, backend in paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            report = bench_detector(shared_images[:3], model=TINY_CLIP, batch=3, single=1, dtype=dtype, backend=backend,
+                                    prefetch_images=4, agreement_images=3)
+        assert report["execution"] == f"cpu/{dtype}/{backend}"
+        agreement = report["image_agreement"]
+        assert agreement["reference"] == ((dtype, backend) == ("float32", "torch"))
+        assert agreement["min_cosine"] >= 0.9999 and agreement["identical_decisions"], (dtype, backend, agreement)
+        prefetch = report["prefetch"]
+        assert (prefetch["images"], prefetch["chunks"]) == (4, 2) and prefetch["identical_results"] and prefetch["speedup"] > 0

@@ -33,7 +33,7 @@ from ._findings import Finding, PreparedImages, error_finding, finding_result, u
 from .budget import RequestBudget
 from .concepts import ConceptBank
 from .config import DetectorConfig, GuardConfig, PolicyConfig, resolve_config
-from .encoders import ClipEncoder, encoder_for_config, get_clip_encoder  # noqa: F401 - get_clip_encoder: kept importable here
+from .encoders import ClipEncoder, encoder_for_config, get_clip_encoder
 from .errors import ImageError, RequestBudgetError
 from .images import DecodedImage, ImageLimits, ImageSource, decode_image, load_image, read_image_bytes
 from .policy import apply_policy
@@ -111,7 +111,9 @@ class BaseDetector:
     def encoder(self) -> ClipEncoder:
         """The shared CLIP encoder for this config's device, dtype and backend, loaded on first use."""
         if self._encoder is None:
-            self._encoder = encoder_for_config(self.config)
+            # Through this module's name, so patching ``guardalign_core.detector.get_clip_encoder``
+            # (tests proving a text-only request loads nothing) reaches every detector.
+            self._encoder = encoder_for_config(self.config, loader=get_clip_encoder)
         return self._encoder
 
     @property

@@ -300,7 +300,7 @@ def test_the_detector_builds_its_encoder_from_the_whole_config(tiny_clip_checkpo
         asked.append(args)
         raise Captured
 
-    monkeypatch.setattr(encoders, "get_clip_encoder", capture)
+    monkeypatch.setattr("guardalign_core.detector.get_clip_encoder", capture)
     for name in ("default", "fast-cpu"):
         preset = get_preset(name).detector
         with pytest.raises(Captured):

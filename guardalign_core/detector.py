@@ -165,7 +165,7 @@ class BaseDetector:
         policy: PolicyConfig | None = None,
         raise_errors: bool = False,
         progress: bool = False,
-        budget: RequestBudget | None = None,
+        budget: RequestBudget | Sequence[RequestBudget | None] | None = None,
     ) -> list[ScanResult]:
         """Scan images and apply the policy to each.
 
@@ -178,7 +178,8 @@ class BaseDetector:
             progress: show a progress bar (for long command-line runs).
             budget: the request's :class:`~guardalign_core.budget.RequestBudget`. Each
                 image's pixels are charged from its header before it is decoded, so an image
-                that would take the request over ``max_total_pixels`` is never decoded.
+                that would take the request over ``max_total_pixels`` is never decoded. A
+                sequence gives one budget per image (a batch merging several requests).
 
         Returns:
             One :class:`ScanResult` per input, in order. A bad image fails only its own result
@@ -200,11 +201,15 @@ class BaseDetector:
             raise ValueError(f"sources: got {len(sources)} labels for {len(images)} images")
         policy = policy or self.policy
         labels = list(sources) if sources is not None else [_label(img, i) for i, img in enumerate(images)]
+        budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * len(images)
+        if len(budgets) != len(images):
+            raise ValueError(f"budget: got {len(budgets)} budgets for {len(images)} images")
         chunks = [(start, images[start : start + _IMAGES_PER_CHUNK]) for start in range(0, len(images), _IMAGES_PER_CHUNK)]
 
         def prepare(chunk: tuple[int, list]) -> PreparedImages:
             start, items = chunk
-            return self._prepare(start, items, labels[start : start + len(items)], raise_errors, budget)
+            end = start + len(items)
+            return self._prepare(start, items, labels[start:end], raise_errors, budgets[start:end])
 
         overlap = self.config.prefetch and len(chunks) > 1
         bar = None
@@ -253,7 +258,7 @@ class BaseDetector:
 
     # -- the pipeline's stages -----------------------------------------------------------------
     def _prepare(
-        self, offset: int, images: list, labels: list[str], raise_errors: bool, budget: RequestBudget | None
+        self, offset: int, images: list, labels: list[str], raise_errors: bool, budgets: list[RequestBudget | None]
     ) -> PreparedImages:
         """The CPU stage of one chunk: decode (budget first), build the model input, one transfer to the device."""
         t0 = time.perf_counter()
@@ -263,7 +268,7 @@ class BaseDetector:
         errors: dict[int, ImageError] = {}
         for i, image in enumerate(images):
             try:
-                rgb, report = _decode(image, self.image_limits, labels[i], budget)
+                rgb, report = _decode(image, self.image_limits, labels[i], budgets[i])
             except RequestBudgetError:
                 raise  # the request as a whole is over budget: not this image's error
             except ImageError as err:

@@ -289,3 +289,23 @@ def test_a_direct_scan_charges_pil_images_and_paths_too(config):
     assert budget.total_pixels == 2 * pixels
     with pytest.raises(RequestBudgetError, match="max_total_pixels"):
         create_detector(config).scan([pil], budget=budget)
+
+
+def test_a_merged_batch_charges_each_image_to_its_own_request(config):
+    """The server merges requests into one scan: each image's pixels go to its own request's budget."""
+    import io
+
+    from guardalign_core.budget import RequestBudget
+    from guardalign_core.errors import RequestBudgetError
+    from guardalign_core.images import ImageLimits
+
+    a, b = _shared_pngs(2)
+    size_a, size_b = (Image.open(io.BytesIO(x)).size for x in (a, b))
+    first, second = RequestBudget(ImageLimits()), RequestBudget(ImageLimits())
+    create_detector(config).scan([a, b, a], budget=[first, second, first])
+    assert (first.total_pixels, second.total_pixels) == (2 * size_a[0] * size_a[1], size_b[0] * size_b[1])
+    tight = RequestBudget(ImageLimits(max_total_pixels=size_a[0] * size_a[1]))
+    with pytest.raises(RequestBudgetError):
+        create_detector(config).scan([a, b], budget=[RequestBudget(ImageLimits()), tight])
+    with pytest.raises(ValueError, match="budget"):
+        create_detector(config).scan([a, b], budget=[first])

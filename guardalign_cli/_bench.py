@@ -46,7 +46,16 @@ def run_bench(args: argparse.Namespace) -> int:
     det = report["detector"]
     agreement = f", probe cosine to fp32 eager {det['agreement']:.6f}" if det.get("agreement") is not None else ""
     sys.stdout.write(f"machine: {det['machine']}\nbackbone: {det['model']} ({det['weights']} weights), {det['patch_mode']} g={det['grid']}, batch {det['batch']}\n")
-    sys.stdout.write(f"encode path: {det['execution']}{agreement}\n\n")
+    sys.stdout.write(f"encode path: {det['execution']}{agreement}\n")
+    image_agreement = det.get("image_agreement") or {}
+    if image_agreement and not image_agreement.get("reference"):
+        sys.stdout.write(f"vs fp32 eager on the bench images: min cosine {image_agreement['min_cosine']:.6f}, "
+                         f"identical decisions {image_agreement['identical_decisions']}\n")
+    if det.get("prefetch"):
+        p = det["prefetch"]
+        sys.stdout.write(f"prefetch ({p['images']} images, {p['chunks']} chunks): off {p['off_ms_per_image']:.2f} ms/image, "
+                         f"on {p['on_ms_per_image']:.2f} ms/image, {p['speedup']:.2f}x, identical results {p['identical_results']}\n")
+    sys.stdout.write("\n")
     sys.stdout.write(f"{'detector':<8} {'decode':>8} {'encode':>9} {'OT/score':>9} {'mask':>7} {'wall':>9} {'img/s':>7} {'OT/enc':>8}\n")
     for name in ("ot", "cosine"):
         row = det[name]

@@ -6,6 +6,7 @@ real timings where its checkpoint cannot be downloaded.
 
 from __future__ import annotations
 
+import io
 import logging
 import platform
 import statistics
@@ -41,6 +42,52 @@ def _stage_means(results) -> dict[str, float]:
     return {k: statistics.fmean(r.timings_ms.get(k, 0.0) for r in results) for k in sorted(keys)}
 
 
+def _shared_weights(model: str, pretrained: str | None, folder: str, execution: str) -> str | None:
+    """Random weights saved once when a fast path is compared with fp32 eager, so both load the same ones."""
+    if pretrained is not None or execution.endswith("/float32/torch"):
+        return pretrained
+    from .testing.tiny_clip import save_tiny_clip_checkpoint
+
+    return str(save_tiny_clip_checkpoint(Path(folder) / "random.pt", model=model))
+
+
+def _image_agreement(encoder: ClipEncoder, weights: str | None, pil: Sequence[Image.Image], config: DetectorConfig) -> dict[str, Any]:
+    """The path that ran against fp32 torch eager on the bench images: lowest crop cosine, identical decisions."""
+    if str(encoder.execution).endswith("/float32/torch"):
+        return {"reference": True, "min_cosine": 1.0, "identical_decisions": True}
+    reference = ClipEncoder(encoder.model_name, weights, "cpu", "float32", "torch")
+    crops = _crops(reference, pil, config.grid_size)  # (B·g², 3, S, S)
+    cosine = torch.nn.functional.cosine_similarity(reference.encode_images(crops), encoder.encode_images(crops), dim=-1)
+    ref_scores = torch.tensor([r.statistic for r in OTDetector(config, encoder=reference).scan(list(pil))])
+    got_scores = torch.tensor([r.statistic for r in OTDetector(config, encoder=encoder).scan(list(pil))])
+    tau = _threshold_in_widest_gap(ref_scores)
+    return {"reference": False, "min_cosine": round(float(cosine.min()), 7),
+            "identical_decisions": bool(torch.equal(ref_scores <= tau, got_scores <= tau))}
+
+
+def _prefetch_ratio(config: DetectorConfig, encoder: ClipEncoder, images: list[bytes], repeats: int) -> dict[str, Any]:
+    """Whole scans with prefetch off and on, interleaved (off, on, off, on, ...); the best of each."""
+    from .detector import _IMAGES_PER_CHUNK
+
+    walls: dict[str, list[float]] = {"off": [], "on": []}
+    detectors = {name: OTDetector(config.model_copy(update={"prefetch": name == "on"}), encoder=encoder) for name in walls}
+    same = True
+    for _ in range(repeats):
+        outputs = {}
+        for name, detector in detectors.items():
+            t0 = time.perf_counter()
+            outputs[name] = detector.scan(images)
+            walls[name].append(time.perf_counter() - t0)
+        same &= [(r.decision, r.scores) for r in outputs["off"]] == [(r.decision, r.scores) for r in outputs["on"]]
+    best = {name: min(values) for name, values in walls.items()}
+    return {
+        "images": len(images), "chunks": -(-len(images) // _IMAGES_PER_CHUNK), "repeats": repeats,
+        "off_ms_per_image": round(best["off"] * 1000 / len(images), 3),
+        "on_ms_per_image": round(best["on"] * 1000 / len(images), 3),
+        "speedup": round(best["off"] / best["on"], 3), "identical_results": same,
+    }
+
+
 def bench_detector(
     images: Sequence[Image.Image | str],
     *,
@@ -53,34 +100,46 @@ def bench_detector(
     patch_mode: str = "grid",
     dtype: str = "float32",
     backend: str = "torch",
+    prefetch_images: int | None = None,
+    prefetch_repeats: int = 1,
+    agreement_images: int = 4,
 ) -> dict[str, Any]:
     """Time decoding, encoding, the OT stage and masking for the OT detector and the cosine baseline.
 
     Both detectors share one encoder and run on the same ``batch`` images. The threshold of
     the OT detector is set at the median patch score of a first pass, so masking really runs.
-    One-at-a-time scanning is timed on the first ``single`` images.
+    One-at-a-time scanning is timed on the first ``single`` images. The report names the
+    execution path that ran (``execution``: device/dtype/backend after ``'auto'``), its
+    agreement with fp32 torch eager on the first ``agreement_images`` bench images (lowest
+    crop cosine, identical OT decisions; ``probe_agreement`` is the load-time check), and whole
+    scans of ``prefetch_images`` images (default two chunks) with prefetch off and on.
 
     Returns:
-        A dict of per-detector stage timings (ms/image), images/s, the OT/encoding ratio and
-        the batched vs one-at-a-time speed-up.
+        A dict of per-detector stage timings (ms/image), images/s, the OT/encoding ratio, the
+        batched vs one-at-a-time speed-up, ``agreement`` and ``prefetch`` (off/on ms per image).
     """
+    from .detector import _IMAGES_PER_CHUNK
+
     # Timed scans get encoded bytes, so decoding is part of what is measured.
-    decoded = [_as_png_bytes(img) if isinstance(img, Image.Image) else read_image_bytes(img) for img in images][:batch]
-    if len(decoded) < batch:
-        decoded = (decoded * (batch // max(1, len(decoded)) + 1))[:batch]
-    encoder = get_clip_encoder(model, pretrained, device, dtype, backend)
-    config = DetectorConfig(model=model, pretrained=pretrained, device=device, dtype=dtype, backend=backend,
-                            grid_size=grid_size, patch_mode=patch_mode, disk_cache=False)
-    ot = OTDetector(config, encoder=encoder)
-    ot.scan(decoded[:2])  # warm-up, text embeddings
-    first = ot.scan(decoded)
-    median = statistics.median(s for r in first for row in r.statistic for s in row)
-    ot = OTDetector(config.model_copy(update={"threshold": median}), encoder=encoder)
-    cosine = CosineDetector(config.model_copy(update={"kind": "cosine"}), encoder=encoder)
-    cosine.scan(decoded[:2])
-    report: dict[str, Any] = {"machine": machine_label(), "model": model, "weights": pretrained or "random", "grid": grid_size,
-                              "patch_mode": patch_mode, "batch": batch, "dtype": dtype,
-                              "execution": str(encoder.execution), "agreement": encoder.agreement}
+    encoded = [_as_png_bytes(img) if isinstance(img, Image.Image) else read_image_bytes(img) for img in images]
+    decoded = (encoded * (batch // max(1, len(encoded)) + 1))[:batch]
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = _shared_weights(model, pretrained, tmp, str(resolve_execution(device, dtype, backend)))
+        encoder = get_clip_encoder(model, weights, device, dtype, backend)
+        config = DetectorConfig(model=model, pretrained=weights, device=device, dtype=dtype, backend=backend,
+                                grid_size=grid_size, patch_mode=patch_mode, disk_cache=False)
+        ot = OTDetector(config, encoder=encoder)
+        ot.scan(decoded[:2])  # warm-up, text embeddings
+        first = ot.scan(decoded)
+        median = statistics.median(s for r in first for row in r.statistic for s in row)
+        ot = OTDetector(config.model_copy(update={"threshold": median}), encoder=encoder)
+        cosine = CosineDetector(config.model_copy(update={"kind": "cosine"}), encoder=encoder)
+        cosine.scan(decoded[:2])
+        report: dict[str, Any] = {"machine": machine_label(), "model": model, "weights": pretrained or "random", "grid": grid_size,
+                                  "patch_mode": patch_mode, "batch": batch, "dtype": dtype,
+                                  "execution": str(encoder.execution), "agreement": encoder.agreement}
+        pil = [Image.open(io.BytesIO(data)).convert("RGB") for data in encoded[:agreement_images]]
+        report["image_agreement"] = _image_agreement(encoder, weights, pil, config)
     for name, detector in (("ot", ot), ("cosine", cosine)):
         t0 = time.perf_counter()
         results = detector.scan(decoded)
@@ -99,6 +158,10 @@ def bench_detector(
     one_ms = (time.perf_counter() - t0) * 1000 / single
     report["ot"]["one_at_a_time_ms_per_image"] = round(one_ms, 3)
     report["ot"]["batched_speedup"] = round(one_ms / report["ot"]["wall_ms_per_image"], 3)
+    n = prefetch_images if prefetch_images is not None else 2 * _IMAGES_PER_CHUNK
+    if n > 0:
+        many = (encoded * (n // max(1, len(encoded)) + 1))[:n]
+        report["prefetch"] = _prefetch_ratio(ot.config, encoder, many, prefetch_repeats)
     return report
 
 

@@ -92,6 +92,15 @@ class DetectorConfig(_Config):
     exclude_categories: list[str] = Field(default_factory=list, description="Allow-list: categories never flagged (e.g. 'weapons' for a hunting forum).")
     cosine_prompt: str = Field(ETA_UNSAFE_PROMPT, description="The cosine baseline's unsafe prompt.")
     cosine_threshold: float = Field(0.16, description="The cosine baseline flags an image when cos(image, prompt) ≥ this.")
+    prefetch: bool = Field(
+        True,
+        description="When a scan spans more than one chunk of 32 images, decode and preprocess chunk k+1 on a thread "
+        "(and finish chunk k) while chunk k is encoded. Results are identical either way; it pays off when the CLIP "
+        "forward is fast (GPU), not on a small CPU, where the threads share the same cores.",
+    )
+    prefetch_depth: int = Field(
+        2, ge=1, le=8, description="With prefetch: how many prepared chunks may wait for the encoder (bounds memory)."
+    )
     cache_dir: str | None = Field(None, description="Directory for cached text embeddings (null: ~/.cache/guardalign).")
     disk_cache: bool = Field(True, description="Cache concept-bank text embeddings on disk, keyed by backbone and bank contents.")
 
@@ -274,5 +283,7 @@ register_preset("cpu-tokens", GuardConfig(detector=DetectorConfig(model="ViT-B-1
 register_preset("eta-baseline", GuardConfig(detector=DetectorConfig(kind="cosine")))
 register_preset(
     "tiny-random",
-    GuardConfig(detector=DetectorConfig(model="guardalign-tiny-clip", pretrained=None)),
+    # The tiny test CLIP stays on the torch reference: its random weights are never cached on
+    # disk, so an OpenVINO export would be converted again in every process (seconds, for nothing).
+    GuardConfig(detector=DetectorConfig(model="guardalign-tiny-clip", pretrained=None, backend="torch")),
 )

@@ -64,7 +64,13 @@ class ScanResult(BaseModel):
     detector: str = Field(description="'ot' or 'cosine'.")
     threshold: float = Field(description="The threshold in force (the rule's default when none was configured).")
     rule: str | None = Field(None, description="OT decision rule: 'contrast', 'scaled' or 'paper' (None: cosine baseline).")
-    backbone: str = Field(description="The CLIP backbone identity, e.g. 'ViT-B-32/openai'.")
+    backbone: str = Field(
+        description="The CLIP backbone and the execution path it ran on, e.g. 'ViT-B-32/openai (cpu/float32/openvino)' "
+        "(only the backbone when no model ran, e.g. an image refused before the scan)."
+    )
+    execution: str | None = Field(
+        None, description="The resolved device/dtype/backend of the CLIP forward, e.g. 'cpu/float32/torch' (None: no model ran)."
+    )
     policy: str = Field(description="The action applied to unsafe inputs: mask, block or flag.")
     input_format: str | None = Field(None, description="Pillow format of the input bytes (None: not decoded from bytes).")
     forward_as_sent: bool | None = Field(

@@ -13,7 +13,6 @@ back.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -24,8 +23,8 @@ from .config import GuardConfig, PolicyConfig
 from .errors import ImageError, RequestBudgetError
 from .forwarding import EncodedImage, encode_for_forwarding
 from .images import ImageLimits, ImageSource, read_content_bytes, read_image_bytes
-from .masking import mask_boxes
 from .memory import CheckedImageMemory, config_fingerprint
+from .policy import apply_policy
 from .results import Decision, ScanResult, Status
 from .verdicts import Forward, ImageVerdict
 
@@ -122,50 +121,38 @@ def _error_result(index: int, label: str, detector: Any, policy: PolicyConfig, w
         reason=f"image could not be checked ({what}); {'forwarded unchecked (fail_open)' if passes else 'blocked (fail-closed)'}",
         detector=detector.name,
         threshold=detector.threshold,
-        backbone=detector.config.backbone_id,
+        backbone=getattr(detector, "backbone", detector.config.backbone_id),
+        execution=getattr(detector, "execution", None),
         policy=policy.action,
         error=f"{label}: {error}" if not error.startswith(f"{label}: ") else error,
     )
 
 
-def _scan(detector: Any, inputs: list, labels: list[str], policy: PolicyConfig, offset: int = 0) -> list[ScanResult]:
+def _scan(
+    detector: Any, inputs: list, labels: list[str], policy: PolicyConfig, budget: RequestBudget, offset: int = 0
+) -> list[ScanResult]:
     """One detector batch; a failure that is not an ``ImageError`` fails only the image that caused it.
 
-    The detector turns decode errors into per-image results itself; anything else raised from
-    inside a batch (a decoder bug, a malformed file the decoder did not expect) would abort
-    every image of the request, so the batch is split until the culprit is alone.
+    The detector turns decode errors into per-image results itself and charges each image's
+    pixels to the request's ``budget`` from its header, before decoding it (an over-budget
+    request raises :class:`RequestBudgetError`, which refuses the whole request). Anything
+    else raised from inside a batch (a decoder bug, a malformed file the decoder did not
+    expect) would abort every image of the request, so the batch is split until the culprit
+    is alone; the pixels the failed batch charged are given back first, since the retries
+    charge them again.
     """
+    spent = budget.total_pixels
     try:
-        return detector.scan(inputs, sources=labels, policy=policy)
+        return detector.scan(inputs, sources=labels, policy=policy, budget=budget)
+    except RequestBudgetError:
+        raise
     except Exception as err:  # noqa: BLE001 - becomes that image's status=error (the policy then decides)
+        budget.total_pixels = spent  # the scan has returned (its threads joined): nothing else charges now
         if len(inputs) == 1:
             return [_error_result(offset, labels[0], detector, policy, type(err).__name__, f"the image could not be decoded ({type(err).__name__})")]
         half = len(inputs) // 2
-        return _scan(detector, inputs[:half], labels[:half], policy, offset) + _scan(detector, inputs[half:], labels[half:], policy, offset + half)
-
-
-def _apply_policy(result: ScanResult, policy: PolicyConfig, config: GuardConfig, detector: Any) -> ScanResult:
-    """The policy (mask / block / flag), applied to a detector's flag-mode result; ``masked_image`` is what a model may see."""
-    if result.status != Status.OK:
-        decision = Decision.ALLOW if policy.fail_open else Decision.BLOCK
-        return result.model_copy(update={"decision": decision, "policy": policy.action, "masked_image": None})
-    update: dict[str, Any] = {"policy": policy.action}
-    if not result.unsafe:
-        update["decision"] = Decision.ALLOW
-    elif policy.action == "block":
-        update.update(decision=Decision.BLOCK, masked_image=None)
-    elif policy.action == "flag":
-        update["decision"] = Decision.FLAG
-    else:
-        t0 = time.perf_counter()
-        mode = config.detector.mask_mode
-        fill = detector.encoder.mean_color if mode == "mean" else (0, 0, 0)
-        boxes = [(b.x0, b.y0, b.x1, b.y1) for b in result.unsafe_boxes]
-        update.update(decision=Decision.MASK, masked_image=mask_boxes(result.masked_image, boxes, mode, fill))
-        timings = dict(result.timings_ms)
-        timings["mask"] = round(timings.get("mask", 0.0) + (time.perf_counter() - t0) * 1000, 3)
-        update["timings_ms"] = timings
-    return result.model_copy(update=update)
+        return (_scan(detector, inputs[:half], labels[:half], policy, budget, offset)
+                + _scan(detector, inputs[half:], labels[half:], policy, budget, offset + half))
 
 
 def _verdict(index: int, label: str, result: ScanResult, checked: bytes | Image.Image | None, declared: str | None, limits: ImageLimits) -> ImageVerdict:
@@ -262,20 +249,18 @@ def screen_images(
     misses = [i for i, v in enumerate(verdicts) if v is None]
     if misses:
         scan_policy = PolicyConfig(action="flag", fail_open=policy.fail_open)  # the detector scores; the policy is applied below
-        fresh = _scan(detector, [contents[i] for i in misses], [labels[i] for i in misses], scan_policy)
-        pixels_total = 0
+        try:
+            # Each image's pixels are charged from its header before it is decoded: an image
+            # that would take the request over max_total_pixels is never decoded.
+            fresh = _scan(detector, [contents[i] for i in misses], [labels[i] for i in misses], scan_policy, budget)
+        except RequestBudgetError as err:
+            return refuse_all(err)
+        mode = config.detector.mask_mode
         for i, result in zip(misses, fresh):
-            result = _apply_policy(result.model_copy(update={"index": i}), policy, config, detector)
-            if result.image_size is not None:
-                pixels_total += result.image_size[0] * result.image_size[1]
+            fill = detector.encoder.mean_color if mode == "mean" and result.unsafe else (0, 0, 0)
+            result = apply_policy(result.model_copy(update={"index": i}), policy, mask_mode=mode, fill=fill)
             verdict = verdicts[i] = _verdict(i, labels[i], result, contents[i], images[i].mime, limits)
             if reuse and result.status == Status.OK and isinstance(contents[i], bytes):
                 memory.remember(fingerprint, contents[i], result, verdict.data if verdict.sanitised else None)  # type: ignore[arg-type]
-        # Pixels are known once the detector has decoded the images (its decoder does not take
-        # the request's budget yet, so they are charged after the scan; nothing was forwarded).
-        try:
-            budget.charge(pixels=pixels_total)
-        except RequestBudgetError as err:
-            return refuse_all(err)
     return [v for v in verdicts if v is not None], refused
 

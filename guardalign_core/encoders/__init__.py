@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ._clip import MIN_AGREEMENT, ClipEncoder, _register_shipped_configs, build_open_clip_model, model_build_kwargs
 from ._execution import (
@@ -89,12 +89,23 @@ def get_clip_encoder(
         return encoder
 
 
-def encoder_for_config(config: "DetectorConfig") -> ClipEncoder:
-    """The shared encoder a :class:`~guardalign_core.config.DetectorConfig` asks for (device, dtype, backend, cache)."""
+def encoder_for_config(config: "DetectorConfig", *, loader: Callable[..., ClipEncoder] | None = None) -> ClipEncoder:
+    """The shared encoder a :class:`~guardalign_core.config.DetectorConfig` asks for (device, dtype, backend, cache).
+
+    Args:
+        config: the detector's settings; ``'auto'`` values are resolved for this machine.
+        loader: what loads it (default :func:`get_clip_encoder`); the detector passes its own
+            module's name for it, the one seam tests patch to prove nothing loads.
+
+    Example:
+        >>> encoder_for_config(DetectorConfig(model="ViT-B-32")).execution  # doctest: +SKIP
+        Execution(device='cpu', dtype='float32', backend='openvino')
+    """
     cache_dir = None
     if config.disk_cache:
         cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
-    return get_clip_encoder(config.model, config.pretrained, config.device, config.dtype, config.backend, cache_dir)
+    load = loader or get_clip_encoder
+    return load(config.model, config.pretrained, config.device, config.dtype, config.backend, cache_dir)
 
 
 def clear_clip_cache() -> None:

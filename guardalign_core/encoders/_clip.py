@@ -327,10 +327,28 @@ class ClipEncoder:
         return _preprocess.normalise(_preprocess.center_crop(image, height), self.mean, self.std)
 
     # -- encoding ------------------------------------------------------------------------
+    def to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Where the image tower reads its input: the model's device (torch), the CPU (OpenVINO).
+
+        The detector calls this once per chunk, on its prefetch thread; the encode methods
+        then find the pixels in place and move nothing. The dtype cast happens on the device.
+        """
+        if self.backend != "torch":
+            return pixels
+        return self._to_device(pixels)  # already there (the CPU): ``.to`` returns the tensor itself
+
+    def _on_device(self, pixels: torch.Tensor) -> bool:
+        """Whether ``pixels`` already sit where the torch image tower reads them (``cuda`` matches ``cuda:0``)."""
+        device = self.device
+        return pixels.device.type == device.type and (device.index is None or pixels.device.index == device.index)
+
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
-        """One host→device transfer of a whole chunk (the dtype cast happens on the device)."""
-        pixels = pixels.to(self.device, non_blocking=self.device.type == "cuda")
-        return pixels
+        """The one host→device transfer of a whole chunk (pinned, so the copy can overlap compute)."""
+        if self._on_device(pixels):
+            return pixels
+        if self.device.type == "cuda" and pixels.device.type == "cpu":
+            return pixels.pin_memory().to(self.device, non_blocking=True)
+        return pixels.to(self.device)
 
     def _torch_image_tower(self, pixels: torch.Tensor) -> torch.Tensor:
         """The reference: open_clip's ``encode_image`` in the model's dtype → (B, D) float32 unit vectors."""
@@ -342,11 +360,10 @@ class ClipEncoder:
     def encode_images(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Normalised image embeddings of (B, 3, S, S) inputs, in chunks of ``batch_size``: (B, D) float32 on CPU."""
         out = []
+        if self.backend == "torch" and not self._on_device(pixels):
+            pixels = self._to_device(pixels)  # host input: one transfer for the whole call, not one per batch
         for start in range(0, pixels.shape[0], batch_size):
-            chunk = pixels[start : start + batch_size]
-            if self.backend == "torch":
-                chunk = self._to_device(chunk)
-            out.append(self._image_tower(chunk).float().cpu())
+            out.append(self._image_tower(pixels[start : start + batch_size]).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 
     @torch.no_grad()
@@ -394,10 +411,12 @@ class ClipEncoder:
         captured: list[torch.Tensor] = []
         handle = block.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
         tokens_out, pooled_out = [], []
+        if not self._on_device(pixels):
+            pixels = self._to_device(pixels)  # host input: one transfer for the whole call
         try:
             for start in range(0, pixels.shape[0], batch_size):
                 captured.clear()
-                chunk = self._to_device(pixels[start : start + batch_size]).to(self.dtype)
+                chunk = pixels[start : start + batch_size].to(self.dtype)
                 pooled = torch.nn.functional.normalize(self.model.encode_image(chunk).float(), dim=-1)
                 x = captured[0]
                 if not getattr(visual.transformer, "batch_first", True):

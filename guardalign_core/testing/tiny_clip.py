@@ -44,5 +44,11 @@ def save_tiny_clip_checkpoint(path: str | Path, *, seed: int = 0, model: str = T
 
 
 def tiny_detector_config(checkpoint: str | Path, **overrides) -> DetectorConfig:
-    """A :class:`DetectorConfig` for the tiny CLIP saved at ``checkpoint``."""
+    """A :class:`DetectorConfig` for the tiny CLIP saved at ``checkpoint``.
+
+    The backend is the torch reference unless ``backend=`` says otherwise: tests of the
+    pipeline's mechanics (and memory-capped ones) must not pay, or depend on, an OpenVINO
+    conversion; the fast paths have their own agreement tests.
+    """
+    overrides.setdefault("backend", "torch")
     return DetectorConfig(model=TINY_CLIP, pretrained=str(checkpoint), **overrides)

@@ -36,10 +36,11 @@ logger = logging.getLogger(__name__)
 
 
 class _Item:
-    __slots__ = ("detector", "images", "labels", "policy", "future")
+    __slots__ = ("detector", "images", "labels", "policy", "budget", "future")
 
-    def __init__(self, detector: Any, images: list[Any], labels: list[str], policy: Any) -> None:
+    def __init__(self, detector: Any, images: list[Any], labels: list[str], policy: Any, budget: Any = None) -> None:
         self.detector, self.images, self.labels, self.policy = detector, images, labels, policy
+        self.budget = budget  # the request's RequestBudget: its pixels are charged before decoding
         self.future: Future[list[ScanResult]] = Future()
 
 
@@ -53,11 +54,13 @@ class _BatchedDetector:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._detector, name)
 
-    def scan(self, images: Any, *, sources: Sequence[str] | None = None, policy: Any = None, **kwargs: Any) -> list[ScanResult]:
+    def scan(
+        self, images: Any, *, sources: Sequence[str] | None = None, policy: Any = None, budget: Any = None, **kwargs: Any
+    ) -> list[ScanResult]:
         images = list(images)
-        if kwargs or sources is None or len(sources) != len(images):
-            return self._detector.scan(images, sources=sources, policy=policy, **kwargs)  # not the screening step's call
-        return self._batcher.submit(self._detector, images, list(sources), policy)
+        if kwargs or sources is None or len(sources) != len(images) or isinstance(budget, (list, tuple)):
+            return self._detector.scan(images, sources=sources, policy=policy, budget=budget, **kwargs)  # not the screening step's call
+        return self._batcher.submit(self._detector, images, list(sources), policy, budget)
 
 
 _PROXY_TYPES: dict[type, type] = {}
@@ -106,21 +109,21 @@ class ScanBatcher:
         view = ImageGuard(guard.config, detector=_proxy_type(type(detector))(detector, self), memory=guard.memory)
         return view.screen(images, prefix=prefix)
 
-    def submit(self, detector: Any, images: list[Any], labels: list[str], policy: Any) -> list[ScanResult]:
+    def submit(self, detector: Any, images: list[Any], labels: list[str], policy: Any, budget: Any = None) -> list[ScanResult]:
         """One request's detector call (blocking): merged with others when batching is on."""
         if not images:
             return []
         if not self.enabled or self._closed:
-            return self._direct(detector, images, labels, policy)
+            return self._direct(detector, images, labels, policy, budget)
         self._start()
-        item = _Item(detector, images, labels, policy)
+        item = _Item(detector, images, labels, policy, budget)
         self._queue.put(item)
         return item.future.result()
 
-    def _direct(self, detector: Any, images: list[Any], labels: list[str], policy: Any) -> list[ScanResult]:
+    def _direct(self, detector: Any, images: list[Any], labels: list[str], policy: Any, budget: Any = None) -> list[ScanResult]:
         if self.on_batch is not None:
             self.on_batch(len(images))
-        return detector.scan(images, sources=labels, policy=policy)
+        return detector.scan(images, sources=labels, policy=policy, budget=budget)
 
     def _start(self) -> None:
         if self._thread is None:
@@ -164,13 +167,17 @@ class ScanBatcher:
     def _scan_batch(self, batch: list[_Item]) -> None:
         if len(batch) > 1:
             first = batch[0]
+            spent = [(item.budget, item.budget.total_pixels) for item in batch if item.budget is not None]
             try:
                 merged = self._direct(first.detector, [i for item in batch for i in item.images],
-                                      [label for item in batch for label in item.labels], first.policy)
+                                      [label for item in batch for label in item.labels], first.policy,
+                                      [item.budget for item in batch for _ in item.images])  # each image, its request's budget
                 if len(merged) != sum(len(item.images) for item in batch):
                     raise RuntimeError("the detector returned a result count that does not match its inputs")
             except Exception:  # noqa: BLE001 (isolate the failing request: retried one by one below)
                 logger.warning("a merged scan batch failed; scanning its %d requests one by one", len(batch))
+                for budget, pixels in spent:
+                    budget.total_pixels = pixels  # the retries below charge their pixels again
             else:
                 start = 0
                 for item in batch:
@@ -180,6 +187,6 @@ class ScanBatcher:
                 return
         for item in batch:
             try:
-                item.future.set_result(self._direct(item.detector, item.images, item.labels, item.policy))
+                item.future.set_result(self._direct(item.detector, item.images, item.labels, item.policy, item.budget))
             except BaseException as err:  # noqa: BLE001 (re-raised in the caller's thread)
                 item.future.set_exception(err)

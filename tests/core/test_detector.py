@@ -162,9 +162,150 @@ def test_nothing_loads_until_first_scan(config):
 
 def test_threshold_is_in_the_result(config):
     result = create_detector(config, threshold=0.123).scan_one(Image.new("RGB", (8, 8)))
-    assert result.threshold == 0.123 and result.backbone.endswith("tiny-clip.pt")
+    assert result.threshold == 0.123 and result.backbone == "guardalign-tiny-clip/tiny-clip.pt (cpu/float32/torch)"
+    assert result.execution == "cpu/float32/torch"
 
 
 def test_unknown_config_field_is_an_error():
     with pytest.raises(ValueError, match="threshhold"):
         DetectorConfig(threshhold=0.3)
+
+
+# -- the policy has one implementation, in the screening step's module (issue 10) -------------------
+
+
+def test_the_detector_and_the_screening_step_apply_the_one_policy_function(config, monkeypatch):
+    """The detector scores; the policy is applied by one function. Replacing it changes both callers."""
+    import guardalign_core.detector as detector_module
+    import guardalign_core.screening as screening_module
+    from guardalign_core import policy as policy_module
+    from guardalign_core.guard import ContentImage, ImageGuard
+    from guardalign_core.config import GuardConfig
+
+    assert detector_module.apply_policy is policy_module.apply_policy is screening_module.apply_policy
+    assert not hasattr(screening_module, "_apply_policy")
+    calls: list[str] = []
+    real = policy_module.apply_policy
+
+    def spy(result, policy, **kwargs):
+        calls.append(policy.action)
+        return real(result, policy, **kwargs)
+
+    monkeypatch.setattr(detector_module, "apply_policy", spy)
+    monkeypatch.setattr(screening_module, "apply_policy", spy)
+    image = Image.new("RGB", (40, 30), (200, 100, 50))
+    assert create_detector(config, threshold=1e9, policy=PolicyConfig(action="block")).scan_one(image).decision == Decision.BLOCK
+    assert calls == ["block"]
+    calls.clear()
+    guard = ImageGuard(GuardConfig(detector=config.model_copy(update={"threshold": 1e9}), policy=PolicyConfig(action="mask")))
+    buffer = __import__("io").BytesIO()
+    image.save(buffer, format="PNG")
+    verdict = guard.screen([ContentImage("x", source=buffer.getvalue())], reuse=False)
+    assert verdict.images[0].result.decision == Decision.MASK
+    assert calls == ["flag", "mask"]  # the detector's scan ran with 'flag' (it scores); the step applied 'mask', once
+
+
+# -- the request's pixel budget is charged before decoding (issue 10) --------------------------------
+
+
+def _shared_pngs(count: int) -> list[bytes]:
+    files = sorted(p for p in shared_data("benign").iterdir() if p.suffix == ".png")
+    sized = {}
+    for path in files:  # distinct sizes, so the spy below can tell the images apart
+        with Image.open(path) as image:
+            sized.setdefault(image.size, path)
+    return [path.read_bytes() for path in list(sized.values())[:count]]
+
+
+def test_images_over_the_request_pixel_budget_are_refused_before_they_are_decoded(config, monkeypatch):
+    """Attack: several images, each legal, together over max_total_pixels. The one that crosses the
+    budget must be refused from its header, its pixels never decoded (today: decoded, then refused)."""
+    import io
+
+    from PIL import ImageFile
+
+    from guardalign_core.config import GuardConfig
+    from guardalign_core.guard import ContentImage, ImageGuard
+    from guardalign_core.images import ImageLimits
+    from guardalign_core.verdicts import Forward
+
+    images = _shared_pngs(4)
+    sizes = [Image.open(io.BytesIO(data)).size for data in images]
+    limit = sum(w * h for w, h in sizes[:2]) + 1  # the first two fit; the third crosses the budget
+    decoded: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+
+    def spying_load(self):
+        decoded.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spying_load)
+    guard = ImageGuard(GuardConfig(detector=config, images=ImageLimits(max_total_pixels=limit), policy=PolicyConfig(fail_open=True)))
+    verdict = guard.screen([ContentImage(f"image {i}", source=data) for i, data in enumerate(images)], reuse=False)
+    assert verdict.blocked and "max_total_pixels" in verdict.refused
+    assert all(entry.forward == Forward.NOTHING for entry in verdict.images)  # fail_open does not open a budget
+    assert sizes[2] not in decoded and sizes[3] not in decoded, decoded  # refused from the header alone
+    assert sizes[0] in decoded and sizes[1] in decoded  # the spy sees decoding at all
+
+
+def test_a_decoder_bug_does_not_double_charge_the_budget_on_the_retry(config, monkeypatch):
+    """The screening step retries a batch image by image after an unexpected decoder error; the
+    pixels the failed batch charged are given back, so a request within budget is not refused."""
+    import io
+
+    import guardalign_core.detector as detector_module
+    from guardalign_core.config import GuardConfig
+    from guardalign_core.guard import ContentImage, ImageGuard
+    from guardalign_core.images import ImageLimits
+
+    images = _shared_pngs(3)
+    sizes = [Image.open(io.BytesIO(data)).size for data in images]
+    real = detector_module.decode_image
+
+    def fragile(data, *args, **kwargs):
+        if data == images[2]:
+            raise RuntimeError("decoder bug")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(detector_module, "decode_image", fragile)
+    limit = sum(w * h for w, h in sizes)  # exactly enough for all three, once each
+    guard = ImageGuard(GuardConfig(detector=config, images=ImageLimits(max_total_pixels=limit)))
+    verdict = guard.screen([ContentImage(f"image {i}", source=data) for i, data in enumerate(images)], reuse=False)
+    assert verdict.refused is None
+    assert [e.result.status for e in verdict.images] == [Status.OK, Status.OK, Status.ERROR]
+
+
+def test_a_direct_scan_charges_pil_images_and_paths_too(config):
+    from guardalign_core.budget import RequestBudget
+    from guardalign_core.errors import RequestBudgetError
+    from guardalign_core.images import ImageLimits
+
+    path = sorted(p for p in shared_data("benign").iterdir() if p.suffix == ".png")[0]
+    with Image.open(path) as image:
+        pixels = image.size[0] * image.size[1]
+        pil = image.convert("RGB")
+    budget = RequestBudget(ImageLimits(max_total_pixels=2 * pixels))
+    assert len(create_detector(config).scan([str(path), pil], budget=budget)) == 2
+    assert budget.total_pixels == 2 * pixels
+    with pytest.raises(RequestBudgetError, match="max_total_pixels"):
+        create_detector(config).scan([pil], budget=budget)
+
+
+def test_a_merged_batch_charges_each_image_to_its_own_request(config):
+    """The server merges requests into one scan: each image's pixels go to its own request's budget."""
+    import io
+
+    from guardalign_core.budget import RequestBudget
+    from guardalign_core.errors import RequestBudgetError
+    from guardalign_core.images import ImageLimits
+
+    a, b = _shared_pngs(2)
+    size_a, size_b = (Image.open(io.BytesIO(x)).size for x in (a, b))
+    first, second = RequestBudget(ImageLimits()), RequestBudget(ImageLimits())
+    create_detector(config).scan([a, b, a], budget=[first, second, first])
+    assert (first.total_pixels, second.total_pixels) == (2 * size_a[0] * size_a[1], size_b[0] * size_b[1])
+    tight = RequestBudget(ImageLimits(max_total_pixels=size_a[0] * size_a[1]))
+    with pytest.raises(RequestBudgetError):
+        create_detector(config).scan([a, b], budget=[RequestBudget(ImageLimits()), tight])
+    with pytest.raises(ValueError, match="budget"):
+        create_detector(config).scan([a, b], budget=[first])

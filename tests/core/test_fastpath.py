@@ -226,7 +226,7 @@ def test_encoder_for_config_caches_next_to_the_text_embeddings(tiny_clip_checkpo
 # -- one transfer per batch (item 5, the encoder's part) -------------------------------------------
 
 
-def test_pixels_go_to_the_device_once_per_chunk(reference, monkeypatch):
+def test_host_pixels_go_to_the_device_once_per_call_not_per_batch(reference, monkeypatch):
     calls: list[tuple[int, ...]] = []
     to_device = reference._to_device
 
@@ -236,7 +236,11 @@ def test_pixels_go_to_the_device_once_per_chunk(reference, monkeypatch):
 
     monkeypatch.setattr(reference, "_to_device", counting)
     reference.encode_images(torch.zeros(10, 3, 64, 64), batch_size=4)
-    assert calls == [(4, 3, 64, 64), (4, 3, 64, 64), (2, 3, 64, 64)]
+    assert calls == []  # already where the model is (the CPU): nothing to move
+    monkeypatch.setattr(reference, "_on_device", lambda pixels: False)  # as host pixels for a CUDA model
+    reference.encode_images(torch.zeros(10, 3, 64, 64), batch_size=4)
+    reference.encode_tokens(torch.zeros(10, 3, 64, 64), batch_size=4)
+    assert calls == [(10, 3, 64, 64), (10, 3, 64, 64)]  # one transfer each, not one per batch of 4
 
 
 @pytest.mark.gpu
@@ -280,3 +284,96 @@ def test_bench_reports_each_path_and_its_agreement(shared_images):
     for name, row in report["paths"].items():
         assert row["min_cosine"] >= 0.9999 and row["identical_decisions"], name
         assert row["ms_per_crop"] > 0 and row["speedup_vs_fp32"] > 0
+
+
+# -- the detector honours device / dtype / backend (item 1) ---------------------------------------------
+
+
+def test_the_detector_builds_its_encoder_from_the_whole_config(tiny_clip_checkpoint, tmp_path, monkeypatch):
+    """Before: the detector called get_clip_encoder(model, pretrained, device, dtype): backend ignored."""
+    class Captured(Exception):
+        pass
+
+    asked = []
+
+    def capture(*args):  # stands in for the load (no ViT weights offline)
+        asked.append(args)
+        raise Captured
+
+    monkeypatch.setattr("guardalign_core.detector.get_clip_encoder", capture)
+    for name in ("default", "fast-cpu"):
+        preset = get_preset(name).detector
+        with pytest.raises(Captured):
+            _ = OTDetector(preset.model_copy(update={"cache_dir": str(tmp_path)})).encoder
+        assert asked[-1] == (preset.model, "openai", "auto", "auto", "auto", tmp_path), name
+
+
+@pytest.mark.parametrize("native_bf16, openvino, expected", [
+    (False, True, "cpu/float32/openvino"),  # this project's CPU (AVX2, no native bf16) with the extra installed
+    (False, False, "cpu/float32/torch"),  # ... without it
+    (True, True, "cpu/bfloat16/openvino"),  # AVX512-BF16 / AMX
+    (True, False, "cpu/bfloat16/torch"),
+])
+def test_presets_pick_the_fast_path_for_the_machine(native_bf16, openvino, expected, monkeypatch):
+    monkeypatch.setattr(_execution, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(_execution, "is_openvino_available", lambda: openvino)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("default", "fast-cpu"):
+        c = get_preset(name).detector
+        assert str(resolve_execution(c.device, c.dtype, c.backend)) == expected, name
+
+
+def test_the_tiny_preset_stays_on_the_torch_reference():
+    assert get_preset("tiny-random").detector.backend == "torch"
+
+
+def test_each_path_has_its_own_text_embeddings_and_each_verdict_names_its_path(tiny_clip_checkpoint, tmp_path, shared_images):
+    encoders.clear_clip_cache()
+    seen: dict[str, set] = {}
+    try:
+        paths = [("float32", "torch"), ("bfloat16", "torch")] + ([("float32", "openvino")] if HAS_OPENVINO else [])
+        for dtype, backend in paths:
+            before = set((tmp_path / "text_embeddings").glob("*.pt")) if (tmp_path / "text_embeddings").exists() else set()
+            config = tiny_detector_config(tiny_clip_checkpoint, cache_dir=str(tmp_path), device="cpu", dtype=dtype, backend=backend)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # explicit bf16 on a CPU that emulates it
+                results = OTDetector(config).scan(shared_images[:2])
+            path = f"cpu/{dtype}/{backend}"
+            assert all(r.execution == path and r.backbone.endswith(f"({path})") for r in results), [r.backbone for r in results]
+            seen[path] = set((tmp_path / "text_embeddings").glob("*.pt")) - before
+        assert all(len(files) == 2 for files in seen.values()), seen  # the unsafe bank and the reference bank, per path
+    finally:
+        encoders.clear_clip_cache()
+
+
+def test_auto_resolves_in_the_detector_too(tiny_clip_checkpoint, monkeypatch, embed_cache_dir):
+    monkeypatch.setattr(_execution, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(_execution, "is_openvino_available", lambda: False)
+    encoders.clear_clip_cache()
+    try:
+        config = tiny_detector_config(tiny_clip_checkpoint, cache_dir=str(embed_cache_dir), device="auto", dtype="auto", backend="auto")
+        result = OTDetector(config).scan_one(Image.new("RGB", (32, 32)))
+        expected = "cuda:0/float16/torch" if torch.cuda.is_available() else "cpu/float32/torch"
+        assert result.execution == expected
+    finally:
+        encoders.clear_clip_cache()
+
+
+def test_detector_bench_names_the_path_its_agreement_and_the_prefetch_ratio(tiny_clip_checkpoint, shared_images, monkeypatch):
+    import guardalign_core.detector as detector_module
+    from guardalign_core.bench import bench_detector
+
+    monkeypatch.setattr(detector_module, "_IMAGES_PER_CHUNK", 2)  # the prefetch comparison spans two chunks
+
+    paths = [("float32", "torch"), ("bfloat16", "torch")] + ([("float32", "openvino")] if HAS_OPENVINO else [])
+    for dtype, backend in paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            report = bench_detector(shared_images[:3], model=TINY_CLIP, batch=3, single=1, dtype=dtype, backend=backend,
+                                    prefetch_images=4, agreement_images=3)
+        assert report["execution"] == f"cpu/{dtype}/{backend}"
+        agreement = report["image_agreement"]
+        assert agreement["reference"] == ((dtype, backend) == ("float32", "torch"))
+        assert agreement["min_cosine"] >= 0.9999 and agreement["identical_decisions"], (dtype, backend, agreement)
+        prefetch = report["prefetch"]
+        assert (prefetch["images"], prefetch["chunks"]) == (4, 2) and prefetch["identical_results"] and prefetch["speedup"] > 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from guardalign_core.calibration import CalibrationConfig, apply_calibration, calibrated, find_prefix_spans
+from guardalign_core.calibration import CalibrationConfig, apply_calibration, calibrated, calibrated_layers, find_prefix_spans
 from guardalign_core.calibration import remove_calibration
 from guardalign_core.bench_models import build_bench_lvlm, llava_1_5_7b_config
 from guardalign_core.testing.tiny_lvlm import (
@@ -71,9 +71,10 @@ def test_family_saves_reloads_and_generates_with_an_image(family: str, tmp_path:
     # the calibration installs on the reloaded model and keeps cached == uncached decoding
     prefix_ids = loaded_processor.tokenizer(PREFIX, add_special_tokens=False).input_ids
     spans = find_prefix_spans(inputs["input_ids"], prefix_ids)
-    handle = apply_calibration(loaded, CalibrationConfig(gamma=1.0))
-    assert handle.layer_gammas() == ({1: 1.0} if family == "mllama" else {1: 1.0, 2: 1.0})
-    with calibrated(loaded, spans):
+    apply_calibration(loaded)
+    config = CalibrationConfig(gamma=1.0)
+    assert calibrated_layers(loaded, config) == ({1: 1.0} if family == "mllama" else {1: 1.0, 2: 1.0})
+    with calibrated(loaded, spans, config):
         cached = _generate(loaded, loaded_processor, inputs)
         uncached = _generate(loaded, loaded_processor, inputs, use_cache=False)
     assert torch.equal(cached, uncached)

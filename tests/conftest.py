@@ -15,17 +15,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_data(subdir: str = "") -> Path:
-    """The shared test images; skip when absent in a user's clone, fail when absent under CI."""
-    path = SHARED_DATA / subdir
-    if not path.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"shared test data missing at {path}; CI must run with shared/ beside the repo")
-        pytest.skip(f"shared test data not found at {path} (clone the project with shared/ beside it to run this test)")
-    return path
+from shared_images import SHARED_DATA, shared_data  # noqa: E402,F401  (re-exported for fixtures)
 
 
 @pytest.fixture(scope="session")

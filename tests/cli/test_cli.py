@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import shared_data
+from shared_images import shared_data
 from guardalign_cli import main
 
 

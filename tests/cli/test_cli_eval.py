@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import shared_data
+from shared_images import shared_data
 
 from guardalign_cli import main
 from guardalign_core.config import GuardConfig, save_config

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared_data
+from shared_images import shared_data
 from guardalign_cli import main
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import shared_data
+from shared_images import shared_data
 from guardalign_core import GuardConfig, PolicyConfig, Status, create_detector
 from guardalign_core.corpus import (
     VERDICT_COLUMNS,

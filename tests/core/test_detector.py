@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shared_data
+from shared_images import shared_data
 from guardalign_core import Decision, DetectorConfig, PolicyConfig, Status, create_detector
 from guardalign_core.detector import CosineDetector, OTDetector
 from guardalign_core.errors import CorruptImageError

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared_data
+from shared_images import shared_data
 from guardalign_core import GuardConfig, PolicyConfig, create_detector
 from guardalign_core.corpus import VERDICT_COLUMNS
 from guardalign_core.distributed import scan_values

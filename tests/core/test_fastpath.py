@@ -22,7 +22,7 @@ from guardalign_core.encoders import (
 from guardalign_core.encoders import _execution
 from guardalign_core.errors import ModelLoadError
 from guardalign_core.testing.tiny_clip import TINY_CLIP, tiny_detector_config
-from conftest import shared_data
+from shared_images import shared_data
 
 HAS_OPENVINO = _execution.is_openvino_available()
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")

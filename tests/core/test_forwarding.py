@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared_data
+from shared_images import shared_data
 from guardalign_core.budget import RequestBudget
 from guardalign_core.errors import CorruptImageError, ImageTooLargeError, RequestBudgetError
 from guardalign_core.forwarding import encode_for_forwarding, prepare_forwarding, sniff_image_mime

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared_data
+from shared_images import shared_data
 from guardalign_core import Status, create_detector
 from guardalign_core.errors import (
     CorruptImageError,

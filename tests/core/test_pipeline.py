@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import shared_data
+from shared_images import shared_data
 from guardalign_core.calibration import CalibrationConfig
 from guardalign_core.config import GuardConfig, PolicyConfig, PrefixConfig
 from guardalign_core.lvlm import LocalLVLM

@@ -100,7 +100,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import guardalign_core.detector as detector_module  # noqa: E402
-from conftest import shared_data  # noqa: E402
+from shared_images import shared_data  # noqa: E402
 from guardalign_core.detector import OTDetector, PreparedImages  # noqa: E402
 from guardalign_core.results import Status  # noqa: E402
 from guardalign_core.testing.tiny_clip import tiny_detector_config  # noqa: E402

@@ -13,7 +13,7 @@ from PIL import Image
 
 from guardalign_core.encoders import ClipEncoder, _preprocess
 from guardalign_core.testing.tiny_clip import TINY_CLIP
-from conftest import shared_data
+from shared_images import shared_data
 
 REPO = Path(__file__).resolve().parents[2]
 

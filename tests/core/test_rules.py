@@ -7,7 +7,7 @@ import numpy as np
 import ot as pot
 import pytest
 import torch
-from conftest import shared_data
+from shared_images import shared_data
 from PIL import Image
 
 from guardalign_core import ConceptBank, DetectorConfig, SinkhornConfig, Status, create_detector, get_preset, list_presets, load_config

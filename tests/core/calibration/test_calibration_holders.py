@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from calibration_reference import eq13_weights
-from conftest import shared_data
+from shared_images import shared_data
 
 import guardalign_core.lvlm as lvlm_module
 from guardalign_core.calibration import DEFAULT_GAMMA, AttentionCall, CalibrationConfig

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import shared_data
+from shared_images import shared_data
 from PIL import Image
 
 from guardalign_core.eval import datasets

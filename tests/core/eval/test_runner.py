@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data
+from shared_images import shared_data
 from PIL import Image
 
 from guardalign_core.config import GuardConfig

@@ -7,7 +7,6 @@ above every score (every patch masked), below every score (all safe), or ``mixed
 
 from __future__ import annotations
 
-import base64
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +23,7 @@ from guardalign_core.testing.tiny_clip import save_tiny_clip_checkpoint, tiny_de
 DATA_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
 """The shared test images (benign photos and FigStep typographic prompts)."""
 
-ALL_UNSAFE = 100.0
-"""A threshold above every d_OT score: every patch is unsafe (masked)."""
-
-ALL_SAFE = -1.0
-"""A threshold below every d_OT score: nothing is unsafe."""
+from lc_support import ALL_SAFE, ALL_UNSAFE, b64, mime  # noqa: E402,F401  (the test modules import them from lc_support)
 
 
 NETWORK_TESTS = {"test_image_inputs", "test_anthropic_inputs"}
@@ -114,15 +109,6 @@ def mixed_threshold(make_config: Callable[..., GuardConfig], image_paths: list[P
     middle = range(1, len(lowest) - 2)
     k = max(middle, key=lambda i: lowest[i + 1] - lowest[i])
     return (lowest[k] + lowest[k + 1]) / 2
-
-
-def b64(path: Path) -> str:
-    """The base64 text of a file."""
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def mime(path: Path) -> str:
-    return "image/jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "image/png"
 
 
 @pytest.fixture(scope="session")

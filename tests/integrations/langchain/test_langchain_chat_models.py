@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ALL_SAFE, ALL_UNSAFE
+from lc_support import ALL_SAFE, ALL_UNSAFE
 from guardalign_lc_fakes import RecordingChatModel, ScriptedToolModel, decode_block, image_blocks
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.runnables import RunnableBinding

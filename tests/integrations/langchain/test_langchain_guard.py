@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ALL_SAFE, ALL_UNSAFE, b64
+from lc_support import ALL_SAFE, ALL_UNSAFE, b64
 from guardalign_lc_fakes import RecordingChatModel, decode_block, image_blocks
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage

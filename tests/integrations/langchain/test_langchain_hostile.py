@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ALL_UNSAFE, b64
+from lc_support import ALL_UNSAFE, b64
 from guardalign_lc_fakes import RecordingChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from PIL import Image

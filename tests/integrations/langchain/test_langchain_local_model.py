@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ALL_SAFE, ALL_UNSAFE, b64, mime
+from lc_support import ALL_SAFE, ALL_UNSAFE, b64, mime
 
 pytest.importorskip("transformers")
 

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("langchain.agents", reason="the agents extra (langchain>=1) is not installed")
 
-from conftest import ALL_SAFE, ALL_UNSAFE, b64  # noqa: E402
+from lc_support import ALL_SAFE, ALL_UNSAFE, b64  # noqa: E402
 from guardalign_lc_fakes import ScriptedToolModel, decode_block, image_blocks  # noqa: E402
 from langchain.agents import create_agent  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage  # noqa: E402

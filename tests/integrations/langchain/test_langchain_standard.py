@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ALL_SAFE, b64, mime
+from lc_support import ALL_SAFE, b64, mime
 from guardalign_lc_fakes import RecordingChatModel, ScriptedToolModel, image_blocks
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .testing.tiny_lvlm import build_chat_template, build_tiny_tokenizer, special_token_ids
+from .testing.tiny_tokenizer import build_chat_template, build_tiny_tokenizer, special_token_ids
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin

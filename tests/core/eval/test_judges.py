@@ -305,7 +305,7 @@ def test_chat_model_judge_with_a_real_langchain_fake_model() -> None:
 
 
 def _tiny_tokenizer(**kwargs):
-    from guardalign_core.testing.tiny_lvlm import build_tiny_tokenizer
+    from guardalign_core.testing.tiny_tokenizer import build_tiny_tokenizer
 
     return build_tiny_tokenizer(**kwargs)
 

@@ -23,19 +23,7 @@ from guardalign_core.testing.tiny_clip import tiny_detector_config  # noqa: E402
 from guardalign_integrations.server import ServerConfig, create_app  # noqa: E402
 from guardalign_integrations.server.testing import ServerThread, UpstreamRecord, create_upstream_imitation  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-
-
-def shared_data(subdir: str = "") -> Path:
-    """The shared test images (as in tests/conftest.py: skip when absent, fail under CI)."""
-    import os
-
-    path = SHARED_DATA / subdir
-    if not path.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"shared test data missing at {path}")
-        pytest.skip(f"shared test data not found at {path}")
-    return path
+from shared_images import SHARED_DATA, shared_data  # noqa: E402,F401  (one definition for every test directory)
 
 ALL_UNSAFE = 100.0  # above every tiny-CLIP patch score: every patch is masked
 NONE_UNSAFE = -1.0  # below every score: nothing is flagged

@@ -25,7 +25,7 @@ def _pipeline(args: argparse.Namespace):
         backend=args.attention,
         enabled=not args.no_calibration,
     )
-    prefix = PrefixConfig(text=args.prefix, policy="never" if args.no_prefix else "always", placement=args.placement)
+    prefix = PrefixConfig(text=args.prefix, when="never" if args.no_prefix else "always", placement=args.placement)
     lvlm = get_local_lvlm(args.model_id, device=args.lvlm_device, dtype=args.dtype, backend=calibration.backend)
     return GuardAlignPipeline(lvlm, config, prefix=prefix, calibration=calibration)
 

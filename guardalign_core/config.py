@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .structured_files import read_structured_file
 from .images import ImageLimits
@@ -165,9 +166,9 @@ class PrefixConfig(_Config):
     """The safety prefix (DESIGN §1B) and, for black-box models, how it is delivered by prompt (§1C)."""
 
     text: str = Field(DEFAULT_SAFETY_PREFIX, description="The safety prefix, e.g. 'As an AI assistant, '.")
-    policy: Literal["always", "when_unsafe", "never"] = Field(
+    when: Literal["always", "when_unsafe", "never"] = Field(
         "when_unsafe",
-        description="When to add the prefix: 'always' (the paper's setting; the local model's default), "
+        description="When to add the prefix (formerly 'policy'; 'policy' is the mask/block/flag PolicyConfig): 'always' (the paper's setting; the local model's default), "
         "'when_unsafe' (only if an image was flagged; the black-box default), or 'never'.",
     )
     placement: Literal["response", "prompt"] = Field(
@@ -181,9 +182,21 @@ class PrefixConfig(_Config):
         "assistant message, e.g. Anthropic); otherwise the model is asked to begin its answer with it.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_policy(cls, data: Any) -> Any:
+        # `prefix.policy` was renamed `prefix.when` ("policy" means the mask/block/flag PolicyConfig);
+        # configs written before the rename keep loading, with a warning.
+        if isinstance(data, dict) and "policy" in data:
+            if "when" in data:
+                raise ValueError("prefix: give 'when' only ('policy' is its old name)")
+            warnings.warn("prefix.policy is deprecated: use prefix.when", DeprecationWarning, stacklevel=2)
+            data = {("when" if k == "policy" else k): v for k, v in data.items()}
+        return data
+
     def applies(self, unsafe: bool) -> bool:
         """Whether the prefix is used for a request whose images were (not) flagged."""
-        return self.policy == "always" or (self.policy == "when_unsafe" and unsafe)
+        return self.when == "always" or (self.when == "when_unsafe" and unsafe)
 
 
 class GuardConfig(_Config):

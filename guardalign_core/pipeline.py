@@ -2,7 +2,7 @@
 
 :class:`GuardAlignPipeline` is the one object integrations call for a local LVLM. It scans a
 request's images with the OT detector (masking, blocking or flagging them per policy), adds
-the safety prefix per the prefix policy (``always`` by default, the paper's setting), and
+the safety prefix per ``prefix.when`` (``always`` by default, the paper's setting), and
 generates with the prefix's attention calibrated. Every call returns a :class:`GuardRecord`
 of what the guard did.
 """
@@ -220,7 +220,7 @@ class GuardAlignPipeline:
     Args:
         lvlm: the runner (see :class:`LocalLVLM`).
         guard: an :class:`ImageGuard`, a :class:`GuardConfig`, a preset name, or ``None``.
-        prefix: prefix settings; default ``PrefixConfig(policy="always")`` (the paper's setting).
+        prefix: prefix settings; default ``PrefixConfig(when="always")`` (the paper's setting).
         calibration: strength and layers of this pipeline's calls (default: the library's, on
             the runner's backend); a call's own ``calibration=`` replaces it for that call.
         refusal: the text returned when the policy blocks a request.
@@ -243,7 +243,7 @@ class GuardAlignPipeline:
         self.lvlm = lvlm
         self.calibration = calibration or lvlm.default_calibration()
         self.guard = guard if isinstance(guard, ImageGuard) else ImageGuard(guard)
-        self.prefix = prefix or self.guard.config.prefix.model_copy(update={"policy": "always"})
+        self.prefix = prefix or self.guard.config.prefix.model_copy(update={"when": "always"})
         self.refusal = refusal
 
     @classmethod

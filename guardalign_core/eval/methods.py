@@ -150,16 +150,16 @@ for _spec in (
 
 
 def method_guard_config(method: MethodSpec, base: GuardConfig) -> GuardConfig:
-    """The user's guard config with the method's detector kind, policy action and prefix policy."""
+    """The user's guard config with the method's detector kind, policy action and when the prefix applies."""
     update: dict[str, Any] = {"policy": base.policy.model_copy(update={"action": method.action}),
-                              "prefix": base.prefix.model_copy(update={"policy": method.prefix})}
+                              "prefix": base.prefix.model_copy(update={"when": method.prefix})}
     if method.detector is not None:
         update["detector"] = base.detector.model_copy(update={"kind": method.detector})
     return base.model_copy(update=update)
 
 
 def override_notes(methods: Sequence[MethodSpec], base: GuardConfig) -> list[str]:
-    """Run notes for the guard-config settings a method replaces (policy.action, prefix.policy).
+    """Run notes for the guard-config settings a method replaces (policy.action, prefix.when).
 
     Every method sets its own action and prefix policy, so a ``policy.action: block`` in the
     user's config is not what ``ot`` or ``guardalign`` run with; the note says so.
@@ -167,7 +167,7 @@ def override_notes(methods: Sequence[MethodSpec], base: GuardConfig) -> list[str
     defaults = GuardConfig()
     notes = []
     checks = (("policy.action", base.policy.action, defaults.policy.action, "action"),
-              ("prefix.policy", base.prefix.policy, defaults.prefix.policy, "prefix"))
+              ("prefix.when", base.prefix.when, defaults.prefix.when, "prefix"))
     for label, value, default, attr in checks:
         if value == default:
             continue

@@ -233,7 +233,7 @@ def run_eval(
         out_dir: the output folder (created; reused to resume).
         guard: the detector/prefix settings every method starts from (preset name, YAML/JSON
             file, dict or :class:`~guardalign_core.config.GuardConfig`; default: the defaults).
-            Each method overrides the detector kind, the policy action and the prefix policy.
+            Each method overrides the detector kind, the policy action and when the prefix applies.
         options: :class:`~guardalign_core.lvlm.GenerationOptions`; default greedy, 256 new tokens.
         resume: skip the items already in ``out_dir/responses.jsonl`` (failed ones are retried);
             ``False`` starts the same setup over and overwrites its files.

@@ -195,7 +195,7 @@ class GuardAlignGuard(RunnableSerializable[LanguageModelInput, ChatPromptValue])
             "threshold": c.detector.cosine_threshold if c.detector.kind == "cosine" else c.detector.threshold,
             "policy": c.policy.action,
             "fail_open": c.policy.fail_open,
-            "prefix_policy": c.prefix.policy,
+            "prefix_when": c.prefix.when,
         }
 
     # -- the work (no callbacks) ------------------------------------------------------------

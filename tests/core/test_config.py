@@ -78,3 +78,15 @@ def test_calibrate_threshold_hits_the_target_fpr(tiny_clip_checkpoint, embed_cac
     assert sum(flagged) / 20 == result.fpr
     with pytest.raises(ValueError, match="target_fpr"):
         calibrate_threshold(detector, safe, unsafe, target_fpr=1.5)
+
+
+def test_prefix_when_was_policy_and_old_configs_still_load():
+    # "policy" means the mask/block/flag PolicyConfig; the prefix's setting is `when`.
+    from guardalign_core.config import GuardConfig, PrefixConfig
+
+    with pytest.warns(DeprecationWarning, match="prefix.when"):
+        old = GuardConfig.model_validate({"prefix": {"policy": "always"}})
+    assert old.prefix.when == "always" and old.prefix.applies(unsafe=False)
+    assert "policy" not in old.prefix.model_dump() and PrefixConfig(when="never").applies(unsafe=True) is False
+    with pytest.raises(ValueError, match="give 'when' only"):
+        PrefixConfig.model_validate({"policy": "always", "when": "never"})

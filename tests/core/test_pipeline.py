@@ -74,14 +74,14 @@ def test_fail_open_drops_an_undecodable_image_and_says_so(tiny_clip_checkpoint, 
 
 
 def test_no_prefix_means_no_calibration(guard_config):
-    pipe, processor = _pipe("llava", guard_config, prefix=PrefixConfig(policy="never"))
+    pipe, processor = _pipe("llava", guard_config, prefix=PrefixConfig(when="never"))
     result = pipe.generate("Hello", max_new_tokens=3, suppress_tokens=processor.tokenizer.all_special_ids)
     assert not result.record.prefix_used and result.record.calibration is None
     assert not result.text.startswith("As an AI")
 
 
 def test_prompt_placement_puts_the_prefix_before_the_instruction(guard_config):
-    pipe, processor = _pipe("llava", guard_config, prefix=PrefixConfig(policy="always", placement="prompt"))
+    pipe, processor = _pipe("llava", guard_config, prefix=PrefixConfig(when="always", placement="prompt"))
     result = pipe.generate("Describe the image.", max_new_tokens=3, suppress_tokens=processor.tokenizer.all_special_ids)
     start, end = result.record.prefix_spans[0]
     assert end < result.record.input_tokens - 2  # the instruction and the assistant header follow it
@@ -141,7 +141,7 @@ def test_cli_chat_and_profile_on_a_saved_checkpoint(tmp_path, tiny_clip_checkpoi
 def test_stop_strings_and_seeded_sampling(guard_config):
     from guardalign_core.lvlm import GenerationOptions
 
-    pipe, processor = _pipe("llava", guard_config, prefix=PrefixConfig(policy="never"))
+    pipe, processor = _pipe("llava", guard_config, prefix=PrefixConfig(when="never"))
     special = {"suppress_tokens": processor.tokenizer.all_special_ids}
     prepared = pipe.lvlm.prepare("Describe the image.")
     ids = pipe.lvlm.generate_ids(prepared, GenerationOptions(max_new_tokens=12), **special).tolist()

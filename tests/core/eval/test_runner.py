@@ -141,7 +141,7 @@ def test_method_registry_and_parsing():
 
 def test_method_guard_config_overrides_only_the_method_fields(guard):
     config = method_guard_config(get_method("eta"), guard)
-    assert config.detector.kind == "cosine" and config.policy.action == "flag" and config.prefix.policy == "when_unsafe"
+    assert config.detector.kind == "cosine" and config.policy.action == "flag" and config.prefix.when == "when_unsafe"
     assert config.detector.cosine_threshold == guard.detector.cosine_threshold and config.prefix.text == guard.prefix.text
 
 
@@ -353,9 +353,9 @@ def test_block_methods_and_override_notes(guard):
     assert "ot-block:" not in notes[0] and "vanilla" not in notes[0] and "guardalign-block" in notes[0]
     assert override_notes(parse_methods("ot-block"), blocking) == []
     assert override_notes(parse_methods(ALL), guard) == []  # the defaults: nothing to say
-    never = guard.model_copy(update={"prefix": guard.prefix.model_copy(update={"policy": "never"})})
+    never = guard.model_copy(update={"prefix": guard.prefix.model_copy(update={"when": "never"})})
     (note,) = override_notes(parse_methods("vanilla,guardalign"), never)
-    assert "prefix.policy 'never'" in note and "guardalign: always" in note
+    assert "prefix.when 'never'" in note and "guardalign: always" in note
 
 
 def test_warm_up_generates_once_calibrated_on_the_first_items_image_and_checks_each_detector(lvlm, guard, benchmarks, tmp_path, monkeypatch):

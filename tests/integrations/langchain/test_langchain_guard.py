@@ -132,9 +132,9 @@ def test_prefix_options(make_config: Callable[..., Any], image_paths: list[Path]
     request = [SystemMessage(content="Sys."), _user("hi", openai_block(image_paths[0]))]
     prefill = GuardAlignGuard(config=make_config(ALL_UNSAFE, prefix={"prefill": True})).invoke(request).to_messages()
     assert isinstance(prefill[-1], AIMessage) and prefill[-1].content == "As an AI assistant,"
-    never = GuardAlignGuard(config=make_config(ALL_UNSAFE, prefix={"policy": "never"})).invoke(request).to_messages()
+    never = GuardAlignGuard(config=make_config(ALL_UNSAFE, prefix={"when": "never"})).invoke(request).to_messages()
     assert never[0].content == "Sys." and len(never) == 2
-    always = GuardAlignGuard(config=make_config(ALL_SAFE, prefix={"policy": "always"})).invoke("text only").to_messages()
+    always = GuardAlignGuard(config=make_config(ALL_SAFE, prefix={"when": "always"})).invoke("text only").to_messages()
     assert always[0].type == "system" and DEFAULT_SAFETY_INSTRUCTION in always[0].content
 
 

@@ -257,7 +257,7 @@ def test_settings_that_change_answers_change_the_cache_key(make_chat: Callable[.
     base = make_chat()
     keys = {
         str(sorted(chat._identifying_params.items()))
-        for chat in (base, base.model_copy(update={"prefix": PrefixConfig(policy="always", text="Careful: ")}),
+        for chat in (base, base.model_copy(update={"prefix": PrefixConfig(when="always", text="Careful: ")}),
                      base.model_copy(update={"model_kwargs": {**base.model_kwargs, "repetition_penalty": 5.0}}),
                      base.model_copy(update={"top_p": 0.5}), base.model_copy(update={"seed": 3}))
     }
@@ -271,7 +271,7 @@ def test_copies_use_their_own_settings_and_deepcopy_works(make_chat: Callable[..
 
     chat = make_chat()
     chat.invoke("Hello")
-    other = chat.model_copy(update={"prefix": PrefixConfig(policy="always", text="NEW: ")})
+    other = chat.model_copy(update={"prefix": PrefixConfig(when="always", text="NEW: ")})
     assert other.invoke("Hello").text.startswith("NEW: ")
     clone = copy.deepcopy(chat)
     assert clone.invoke("Hello").text == chat.invoke("Hello").text and clone.is_loaded

@@ -245,7 +245,7 @@ def test_model_copy_and_deepcopy_use_their_own_settings(make_llm: Callable[..., 
     llm = make_llm()
     text = llm.complete("Tell me a story.").text
     assert text.startswith(PREFIX)
-    changed = llm.model_copy(update={"prefix": PrefixConfig(policy="always", text="NEW: ")})
+    changed = llm.model_copy(update={"prefix": PrefixConfig(when="always", text="NEW: ")})
     assert changed.complete("Tell me a story.").text.startswith("NEW: ")
     assert llm.complete("Tell me a story.").text == text  # the original is untouched
     clone = copy.deepcopy(llm)  # after a call: nothing unpicklable is held by the adapter
@@ -256,7 +256,7 @@ def test_the_guard_configs_prefix_is_used(make_llm: Callable[..., GuardAlignLoca
     llm = make_llm(guard_prefix={"text": "Custom prefix: "})  # policy when_unsafe in the config: the local model uses it always
     response = llm.complete("Tell me a story.")
     assert response.text.startswith("Custom prefix: ") and response.raw["guardalign_generation"]["prefix_text"] == "Custom prefix: "
-    never = make_llm(prefix=PrefixConfig(policy="never")).complete("Tell me a story.")
+    never = make_llm(prefix=PrefixConfig(when="never")).complete("Tell me a story.")
     assert not never.raw["guardalign_generation"]["prefix_used"]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -32,10 +33,21 @@ class _DuplicateKey(ValueError):
     pass
 
 
+class _FoldedKey(ValueError):
+    pass
+
+
+def folded_key(key: str) -> str:
+    """A key as a case-insensitive JSON decoder may match it: NFKC, then case folded (``\u017f`` long s -> s, Kelvin sign -> k)."""
+    return unicodedata.normalize("NFKC", key).casefold()
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
         raise _DuplicateKey()
+    if len({folded_key(key) for key in out}) != len(out):
+        raise _FoldedKey()
     return out
 
 
@@ -46,15 +58,28 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     parsers disagree on which copy of a repeated key wins. ``{"messages": [image], "messages":
     [text]}`` would be screened as text here (Python keeps the last copy) and read with the
     image by an upstream that keeps the first. Default deny: what two parsers may read
-    differently is not forwarded.
+    differently is not forwarded. The same holds for keys that differ only in letter case or
+    Unicode compatibility form (``messages`` / ``Messages`` / ``me\u017f\u017fages``): Go's
+    ``encoding/json`` (Ollama, many proxies) matches field names case-insensitively, the last
+    match winning, so such a pair is refused in every object.
 
     Raises:
-        ServerError: 400 when it is not a JSON object, or repeats a key in any object.
+        ServerError: 400 when it is not a JSON object, repeats a key in any object (also under
+            case folding), or nests too deeply to parse.
     """
     try:
         body = json.loads(raw, object_pairs_hook=_unique_keys)
     except _DuplicateKey:
         raise ServerError(400, "the request body repeats a key in a JSON object; refused, not forwarded", "invalid_json") from None
+    except _FoldedKey:
+        raise ServerError(
+            400,
+            "the request body has two keys in one JSON object that differ only in letter case or Unicode form "
+            "(case-insensitive decoders read them as one); refused, not forwarded",
+            "invalid_json",
+        ) from None
+    except RecursionError:
+        raise ServerError(400, "the request body nests too deeply to be checked; refused, not forwarded", "invalid_json") from None
     except ValueError:
         raise ServerError(400, "the request body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):

@@ -21,6 +21,7 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from guardalign_core._payloads import carries_media, inline_media
 from guardalign_core.guard import ContentImage, ImageGuard, RequestVerdict, SafetyPrompt
 from guardalign_core.results import Status
 from guardalign_core.verdicts import Forward, ImageVerdict, SafetyDelivery
@@ -33,6 +34,24 @@ _TEXT_PARTS = {"text": ("text",), "refusal": ("refusal",), "input_audio": ("inpu
 
 _MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio", "reasoning_content"}
 """Message fields understood (none of them carries an image except ``content``)."""
+
+_PLAIN_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
+"""Message fields not looked into here (``content`` is walked part by part); the other known ones must hold no inline media."""
+
+BODY_KEYS = frozenset({
+    "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
+    "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+    "user", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format", "functions", "function_call",
+    "metadata", "store", "service_tier", "reasoning_effort", "modalities", "prediction", "audio",
+    "web_search_options", "verbosity", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+    "prompt_cache_options", "moderation",
+})
+"""Top-level fields of an OpenAI chat-completions request (``openai.types.chat.completion_create_params``).
+
+Any other top-level field (``input``, ``images``, ``prompt``, provider extensions) is forwarded
+only when it carries no data, URL, path or base64 payload: upstreams such as Ollama read
+images from fields this module does not screen.
+"""
 
 _DATA_KEYS = {"url", "data", "file_id", "file_data", "path", "image", "image_url", "file", "base64", "b64_json", "source", "uri", "bytes"}
 
@@ -117,6 +136,27 @@ def _carries_data(value: Any, depth: int = 0) -> bool:
     return isinstance(value, (bytes, bytearray))
 
 
+def _suspicious(value: Any) -> bool:
+    """Whether an unknown field holds data, a URL, a path or a base64 payload (any length) anywhere."""
+    return _carries_data(value) or carries_media(value)
+
+
+def check_body_fields(body: dict[str, Any]) -> None:
+    """Refuse top-level fields outside :data:`BODY_KEYS` that carry data (default deny).
+
+    Raises:
+        ContentError: such a field is present.
+    """
+    for key, value in body.items():
+        if key not in BODY_KEYS and _suspicious(value):
+            raise ContentError(
+                f"top-level field {key!r} is not a chat-completions field GuardAlign screens and carries data; "
+                "it is refused, not forwarded",
+                code="guardalign_unsupported_content",
+                param=key,
+            )
+
+
 def _image_url(part: dict[str, Any], where: str) -> str:
     value = part.get("image_url")
     url = value.get("url") if isinstance(value, dict) else value
@@ -139,8 +179,14 @@ def collect_images(messages: Any) -> list[ImageRef]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ContentError(f"{where}: expected an object with a string 'role'", param=where)
         for key in message:
-            if key not in _MESSAGE_KEYS and _carries_data(message[key]):
+            if key not in _MESSAGE_KEYS and _suspicious(message[key]):
                 raise ContentError(f"{where}: field {key!r} is not understood and carries data; it is refused, not forwarded", param=f"{where}.{key}")
+            if key in _MESSAGE_KEYS and key not in _PLAIN_MESSAGE_KEYS and inline_media(message[key]):
+                raise ContentError(
+                    f"{where}: field {key!r} holds inline media, which GuardAlign does not screen there; it is refused, not forwarded",
+                    code="guardalign_unsupported_content",
+                    param=f"{where}.{key}",
+                )
         content = message.get("content")
         if content is None or isinstance(content, str):
             continue
@@ -156,7 +202,7 @@ def collect_images(messages: Any) -> list[ImageRef]:
                 extra = {k: v for k, v in part.items() if k != "type" and k not in known}
                 inner = part.get("image_url") if kind == "image_url" and isinstance(part.get("image_url"), dict) else {}
                 extra.update({f"image_url.{k}": v for k, v in inner.items() if k not in ("url", "detail")})
-                if _carries_data(extra):
+                if _suspicious(extra):
                     raise ContentError(
                         f"{pwhere}: a {kind!r} part with extra fields that carry data ({', '.join(sorted(extra))}); refused, not forwarded",
                         code="guardalign_unsupported_content",
@@ -165,7 +211,7 @@ def collect_images(messages: Any) -> list[ImageRef]:
             if kind in _TEXT_PARTS:
                 continue
             if kind != "image_url":
-                if _carries_data({k: v for k, v in part.items() if k != "type"}):
+                if _suspicious({k: v for k, v in part.items() if k != "type"}):
                     raise ContentError(
                         f"{pwhere}: content part type {kind!r} is not screened by GuardAlign and carries data; "
                         "it is refused, not forwarded",
@@ -310,6 +356,7 @@ def screen_chat_body(
         >>> screen_chat_body({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, guard).changed  # doctest: +SKIP
         False
     """
+    check_body_fields(body)
     messages = body.get("messages")
     refs = collect_images(messages)
     decision = screen_images(refs, guard, screen)

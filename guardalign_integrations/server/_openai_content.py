@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 from guardalign_core._payloads import carries_media, inline_media
 from guardalign_core.guard import ContentImage, ImageGuard, RequestVerdict, SafetyPrompt
 from guardalign_core.results import Status
+from guardalign_core.screening import sniff_mime
 from guardalign_core.verdicts import Forward, ImageVerdict, SafetyDelivery
 
 ScreenFn = Callable[[Sequence[ContentImage]], RequestVerdict]
@@ -208,6 +209,12 @@ def collect_images(messages: Any) -> list[ImageRef]:
                         code="guardalign_unsupported_content",
                         param=pwhere,
                     )
+            if kind == "input_audio" and _audio_is_an_image(part.get("input_audio")):
+                raise ContentError(
+                    f"{pwhere}: an 'input_audio' part whose data are image bytes; refused, not forwarded",
+                    code="guardalign_unsupported_content",
+                    param=pwhere,
+                )
             if kind in _TEXT_PARTS:
                 continue
             if kind != "image_url":
@@ -222,6 +229,23 @@ def collect_images(messages: Any) -> list[ImageRef]:
             url = _image_url(part, pwhere)
             refs.append(ImageRef(m, p, pwhere, url))
     return refs
+
+
+def _audio_is_an_image(audio: Any) -> bool:
+    """Whether an ``input_audio`` part's base64 ``data`` starts like an image file (PNG, JPEG, GIF, WebP, ...).
+
+    Only the first bytes are decoded; audio containers (WAV, MP3, M4A, ...) have signatures of
+    their own, so real audio is never mistaken for an image.
+    """
+    data = audio.get("data") if isinstance(audio, dict) else None
+    if not isinstance(data, str):
+        return False
+    head = "".join(data[:96].split())[:64]
+    try:
+        raw = base64.b64decode(head + "=" * (-len(head) % 4))
+    except ValueError:
+        return False
+    return sniff_mime(raw) is not None
 
 
 def data_url(data: bytes, mime: str) -> str:

@@ -135,3 +135,17 @@ def test_an_assistant_audio_reference_still_passes(gateway):
     response = httpx.post(gateway.base_url + "/chat/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
     assert len(gateway.forwarded()) == before + 1
+
+
+def test_image_bytes_sent_as_input_audio_are_refused(gateway, png_bytes):
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(png_bytes).decode(), "format": "wav"}}
+    response = send(gateway, J({"model": "m", "messages": [{"role": "user", "content": [part]}]}))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "guardalign_unsupported_content"
+
+
+def test_real_audio_still_passes(gateway):
+    wav = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(40)
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
+    before = len(gateway.forwarded())
+    response = httpx.post(gateway.base_url + "/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": [part]}]}, timeout=60)
+    assert response.status_code == 200 and len(gateway.forwarded()) == before + 1

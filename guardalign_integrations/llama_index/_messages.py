@@ -41,7 +41,7 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
     VideoBlock,
 )
-from llama_index.core.schema import BaseNode, ImageNode, MediaResource, Node
+from llama_index.core.schema import BaseNode, ImageNode, IndexNode, MediaResource, Node
 
 from guardalign_core._payloads import inline_media
 from guardalign_core.screening import ContentImage, sniff_mime
@@ -55,8 +55,11 @@ __all__ = [
     "find_images",
     "has_image",
     "hf_turns",
+    "media_refusal",
+    "node_file_path",
     "node_image",
     "node_label",
+    "node_refusal",
     "prepend_text",
     "with_image",
     "with_metadata",
@@ -299,12 +302,27 @@ def prepend_text(message: ChatMessage, text: str) -> ChatMessage:
 # -- nodes and legacy image documents --------------------------------------------------------
 
 
+FILE_PATH_KEY = "file_path"
+"""The metadata key LlamaIndex reads as an ``ImageNode``'s image file when it has no ``image`` or
+``image_path`` (``image_node_to_image_block``, ``image_documents_to_base64``): an image source."""
+
+
+def node_file_path(node: Any) -> Path | None:
+    """The image file an ``ImageNode``'s ``metadata["file_path"]`` names (LlamaIndex loads it), or ``None``."""
+    if not isinstance(node, ImageNode):
+        return None
+    value = (node.metadata or {}).get(FILE_PATH_KEY)
+    if value is None or value == "":
+        return None
+    return Path(str(value))
+
+
 def has_image(node: Any) -> bool:
-    """Whether a node (or legacy image document) carries an image."""
+    """Whether a node (or legacy image document) carries an image (``metadata["file_path"]`` of an ``ImageNode`` too)."""
     if isinstance(node, ImageBlock):
         return True
     if isinstance(node, ImageNode):
-        return any(x is not None for x in (node.image, node.image_path, node.image_url))
+        return any(x is not None for x in (node.image, node.image_path, node.image_url, node_file_path(node)))
     if isinstance(node, Node) and node.image_resource is not None:
         r = node.image_resource
         return any(x is not None for x in (r.data, r.path, r.url))
@@ -315,7 +333,7 @@ def node_label(node: Any) -> str:
     """A short label for a node's image: its file name when it has one (never the directory), else its node id."""
     path = None
     if isinstance(node, ImageNode):
-        path = node.image_path
+        path = node.image_path or node_file_path(node)
     elif isinstance(node, Node) and node.image_resource is not None:
         path = node.image_resource.path
     return Path(str(path)).name if path else f"node {getattr(node, 'node_id', '?')}"
@@ -326,7 +344,8 @@ def node_image(node: Any, label: str) -> ContentImage:
     if isinstance(node, ImageBlock):
         return ContentImage(label, source=_source(node.image, node.path, node.url), mime=node.image_mimetype)
     if isinstance(node, ImageNode) and has_image(node):
-        return ContentImage(label, source=_source(node.image, node.image_path, node.image_url), mime=node.image_mimetype)
+        path = node.image_path if node.image_path is not None else node_file_path(node)  # LlamaIndex's own order
+        return ContentImage(label, source=_source(node.image, path, node.image_url), mime=node.image_mimetype)
     if isinstance(node, Node) and node.image_resource is not None:
         r = node.image_resource
         return ContentImage(label, source=_source(r.data, r.path, r.url), mime=r.mimetype)
@@ -338,12 +357,42 @@ def with_image(node: Any, data: bytes, mime: str) -> Any:
     if isinstance(node, ImageBlock):
         return ImageBlock(image=data, image_mimetype=mime, detail=node.detail)
     if isinstance(node, ImageNode):
-        update = {"image": base64.b64encode(data).decode("ascii"), "image_path": None, "image_url": None, "image_mimetype": mime}
+        update: dict[str, Any] = {"image": base64.b64encode(data).decode("ascii"), "image_path": None, "image_url": None, "image_mimetype": mime}
+        if FILE_PATH_KEY in node.metadata:  # nothing may point back at the unscanned original
+            update["metadata"] = {k: v for k, v in node.metadata.items() if k != FILE_PATH_KEY}
         return node.model_copy(update=update)
     if isinstance(node, Node) and node.image_resource is not None:
         old = node.image_resource
         return node.model_copy(update={"image_resource": MediaResource(data=data, mimetype=mime, text=old.text, embeddings=old.embeddings)})
     raise TypeError(f"{type(node).__name__} carries no image to replace")
+
+
+def media_refusal(node: Any, allowed: frozenset[str] = frozenset()) -> str | None:
+    """Why a node's audio or video is refused (default deny: media the guard cannot check), or ``None``.
+
+    One rule for ingestion and the postprocessor: what is not indexed is not forwarded either.
+    """
+    if not isinstance(node, Node):
+        return None
+    video = node.video_resource
+    if video is not None and "video" not in allowed and any(x is not None for x in (video.data, video.path, video.url)):
+        return "the node holds video frames the guard cannot check; it is refused unless allowed (allow_media=('video',))"
+    audio = node.audio_resource
+    if audio is not None and "audio" not in allowed:
+        if audio.path is not None or audio.url is not None:
+            return "the node's audio names a file or URL the guard does not read; it is refused unless allowed (allow_media=('audio',))"
+        if audio.data is not None and sniff_mime(_raw(audio.data)) is not None:
+            return "the node holds image bytes under an audio label; it is refused unless allowed (allow_media=('audio',))"
+    return None
+
+
+def node_refusal(node: Any, allowed: frozenset[str] = frozenset()) -> str | None:
+    """Why a node is refused unscreened (:func:`media_refusal`, or an ``IndexNode`` whose ``obj`` is a node carrying an image or media), or ``None``."""
+    if isinstance(node, IndexNode) and isinstance(node.obj, BaseNode):
+        inner = node.obj
+        if has_image(inner) or media_refusal(inner, allowed) is not None or node_refusal(inner, allowed) is not None:
+            return "the IndexNode's obj is a node carrying an image or media the guard does not screen inside it; index that node itself"
+    return media_refusal(node, allowed)
 
 
 def forwarded_node(node: Any, entry: ImageVerdict) -> Any | None:

@@ -25,7 +25,7 @@ from llama_index.core.schema import ImageNode, Node
 
 from guardalign_core.verdicts import Forward, ImageVerdict
 
-from ._messages import _raw
+from ._messages import _raw, node_file_path
 
 __all__ = ["FINGERPRINT_KEY", "IMAGE_DIGEST_KEY", "image_digest", "inline_image", "stamped_summary", "trusted_summary"]
 
@@ -60,10 +60,11 @@ def stamped_summary(entry: ImageVerdict, fingerprint: str) -> dict[str, Any]:
 def inline_image(node: Any) -> tuple[bytes, str | None] | None:
     """A node's image bytes and MIME type when they are inline and the only source; else ``None``.
 
-    A node that also names a path or a URL is not inline-only: a model may be shown either.
+    A node that also names a path (``image_path``, or ``metadata["file_path"]``, which LlamaIndex
+    also loads) or a URL is not inline-only: a model may be shown either.
     """
     if isinstance(node, ImageNode):
-        if node.image is None or node.image_path is not None or node.image_url is not None:
+        if node.image is None or node.image_path is not None or node.image_url is not None or node_file_path(node) is not None:
             return None
         return _raw(node.image), node.image_mimetype
     if isinstance(node, Node) and node.image_resource is not None:

@@ -10,8 +10,8 @@ text nodes pass through untouched. Under the policy:
 - ``flag``: the node is kept; the verdict says it is unsafe.
 
 Every node that comes out with an image holds exactly the bytes that were checked (or their
-sanitised re-encode), base64 inline in an ``ImageNode``, with ``image_path`` and ``image_url``
-cleared, so nothing in the index points back at the unscanned original. The verdict is
+sanitised re-encode), base64 inline in an ``ImageNode``, with ``image_path``, ``image_url`` and
+``metadata["file_path"]`` (which LlamaIndex also loads as an image) cleared, so nothing in the index points back at the unscanned original. The verdict is
 recorded in ``metadata["guardalign"]`` (hidden from embedding and LLM text) with the guard's
 config fingerprint and the digest of the forwarded bytes, so the query-time
 :class:`~.postprocessor.GuardAlignImagePostprocessor` skips nodes screened with the same
@@ -31,11 +31,11 @@ from llama_index.core.schema import BaseNode, Document, ImageNode, Node, NodeRel
 from guardalign_core.guard import ImageGuard
 from guardalign_core.memory import config_fingerprint
 from guardalign_core.results import Decision
-from guardalign_core.screening import ContentImage, sniff_mime
+from guardalign_core.screening import ContentImage
 from guardalign_core.verdicts import Forward, ImageVerdict
 
 from ._endpoints import METADATA_KEY, GuardSpec, build_guard
-from ._messages import _raw, has_image, node_image, node_label, with_image, with_metadata
+from ._messages import FILE_PATH_KEY, has_image, node_image, node_label, node_refusal, with_image, with_metadata
 from ._trust import stamped_summary
 from .events import dispatch_decision_events
 
@@ -45,22 +45,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
 """Image nodes per screening call (and per detector batch) by default; at most ``ImageLimits.max_images``."""
-
-
-def _media_refusal(node: BaseNode, allowed: frozenset[str]) -> str | None:
-    """Why a node's audio or video is refused (default deny: media the guard cannot check), or ``None``."""
-    if not isinstance(node, Node):
-        return None
-    video = node.video_resource
-    if video is not None and "video" not in allowed and any(x is not None for x in (video.data, video.path, video.url)):
-        return "the node holds video frames the guard cannot check; it is not indexed unless allowed (allow_media=('video',))"
-    audio = node.audio_resource
-    if audio is not None and "audio" not in allowed:
-        if audio.path is not None or audio.url is not None:
-            return "the node's audio names a file or URL the guard does not read; it is not indexed unless allowed (allow_media=('audio',))"
-        if audio.data is not None and sniff_mime(_raw(audio.data)) is not None:
-            return "the node holds image bytes under an audio label; it is not indexed unless allowed (allow_media=('audio',))"
-    return None
 
 
 def _image_node(node: BaseNode, data: bytes, mime: str) -> BaseNode:
@@ -83,7 +67,7 @@ def _image_node(node: BaseNode, data: bytes, mime: str) -> BaseNode:
             image=base64.b64encode(data).decode("ascii"),
             image_mimetype=mime,
             embedding=node.embedding,
-            metadata=dict(node.metadata),
+            metadata={k: v for k, v in node.metadata.items() if k != FILE_PATH_KEY},  # nothing points at the original
             excluded_embed_metadata_keys=list(node.excluded_embed_metadata_keys),
             excluded_llm_metadata_keys=list(node.excluded_llm_metadata_keys),
             relationships=relationships,
@@ -229,7 +213,7 @@ class GuardAlignImageTransform(TransformComponent):
         entries: dict[int, ImageVerdict] = {}
         pending: list[int] = []
         for i, node in enumerate(nodes):
-            why = _media_refusal(node, allowed)
+            why = node_refusal(node, allowed)
             if why is not None:
                 entries[i] = self._refuse(node, why)
             elif has_image(node):
@@ -254,6 +238,6 @@ class GuardAlignImageTransform(TransformComponent):
 
     async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[BaseNode]:
         """Async :meth:`__call__`: the CPU-heavy scan runs in a worker thread (text-only runs stay inline)."""
-        if not any(has_image(n) or isinstance(n, Node) and (n.audio_resource or n.video_resource) for n in nodes):
+        if not any(has_image(n) or node_refusal(n, frozenset(self.allow_media)) is not None for n in nodes):
             return self.screen_nodes(nodes)
         return await asyncio.to_thread(self.screen_nodes, nodes)

@@ -1,7 +1,8 @@
 """``GuardAlignImagePostprocessor``: screen retrieved images in multimodal RAG before synthesis.
 
-Retrieved image nodes (``ImageNode`` with a base64 image, an image path, or an image URL
-when the guard's limits allow fetching it; or a ``Node`` with an ``image_resource``) are
+Retrieved image nodes (``ImageNode`` with a base64 image, an image path or ``metadata["file_path"]``
+when local files are allowed, or an image URL when the guard's limits allow fetching it; or a
+``Node`` with an ``image_resource``) are
 scanned in **one** batched detector call per query. Under the policy, unsafe images are
 masked (the node's image replaced by the sanitised PNG) or their nodes dropped; every node
 that comes out carries its decision in ``metadata["guardalign"]``, hidden from the
@@ -23,10 +24,11 @@ from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 
 from guardalign_core.guard import ImageGuard
 from guardalign_core.memory import config_fingerprint
+from guardalign_core.screening import ContentImage
 from guardalign_core.verdicts import RequestVerdict
 
 from ._endpoints import METADATA_KEY, GuardSpec, build_guard
-from ._messages import forwarded_node, has_image, node_image, node_label, with_metadata
+from ._messages import forwarded_node, has_image, node_image, node_label, node_refusal, with_metadata
 from ._trust import stamped_summary, trusted_summary
 from .events import dispatch_decision_events
 
@@ -58,6 +60,8 @@ class GuardAlignImagePostprocessor(BaseNodePostprocessor):
         reuse_checked: reuse this guard's verdicts on inline images it has already checked.
         trust_screened: skip nodes whose stamped verdict comes from a guard with the same config
             fingerprint and whose inline image still has the stamped digest.
+        allow_media: ``"audio"`` / ``"video"``: forward nodes carrying such media, unchecked; by
+            default they are refused (dropped) as at ingestion, by the same rule.
 
     Example:
         >>> from llama_index.core.query_engine import RetrieverQueryEngine
@@ -77,6 +81,10 @@ class GuardAlignImagePostprocessor(BaseNodePostprocessor):
     trust_screened: bool = Field(
         True,
         description="Do not rescan nodes screened (e.g. at ingestion) under the same config fingerprint whose image is still the screened one.",
+    )
+
+    allow_media: tuple[Literal["audio", "video"], ...] = Field(
+        (), description="Media kinds forwarded unchecked; nodes carrying any other audio or video are dropped (default deny)."
     )
 
     _guard: ImageGuard = PrivateAttr()
@@ -109,23 +117,37 @@ class GuardAlignImagePostprocessor(BaseNodePostprocessor):
         """The :class:`ImageGuard` (config, detector, policy) this postprocessor uses."""
         return self._guard
 
+    def _screened(self, node: BaseNode) -> bool:
+        """Whether ``node`` goes through the screening step: it carries an image, or media refused by name."""
+        return has_image(node) or node_refusal(node, frozenset(self.allow_media)) is not None
+
     def screen_nodes(self, nodes: list[BaseNode]) -> RequestVerdict:
         """One screening step over the images of ``nodes`` (one batch); sends one event per node.
 
         A node whose image cannot be read or decoded fails alone (``status: error``): the
         rest of the query's nodes are still screened and forwarded.
         """
-        verdict = self._guard.screen([node_image(n, node_label(n)) for n in nodes], reuse=self.reuse_checked)
+        allowed = frozenset(self.allow_media)
+        images = []
+        for n in nodes:
+            why = node_refusal(n, allowed)  # the ingestion transform's rule: what is not indexed is not forwarded
+            images.append(ContentImage(node_label(n), refusal=why) if why is not None else node_image(n, node_label(n)))
+        verdict = self._guard.screen(images, reuse=self.reuse_checked)
         if verdict.images:
             dispatch_decision_events(verdict.images, component="postprocessor", node_ids=[n.node_id for n in nodes])
         return verdict
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
-        positions = [i for i, n in enumerate(nodes) if has_image(n.node)]
+        positions = [i for i, n in enumerate(nodes) if self._screened(n.node)]
         fingerprint = config_fingerprint(self._guard.config, self._guard.detector) if positions else ""  # builds no CLIP
         trusted = set()
         if self.trust_screened:
-            trusted = {i for i in positions if trusted_summary(nodes[i].node, self.metadata_key, fingerprint) is not None}
+            trusted = {
+                i
+                for i in positions
+                if node_refusal(nodes[i].node, frozenset(self.allow_media)) is None
+                and trusted_summary(nodes[i].node, self.metadata_key, fingerprint) is not None
+            }
         positions = [i for i in positions if i not in trusted]
         verdict = self.screen_nodes([nodes[i].node for i in positions])
         entries = {i: verdict.images[k] for k, i in enumerate(positions)}  # over budget: every entry forwards nothing
@@ -150,6 +172,6 @@ class GuardAlignImagePostprocessor(BaseNodePostprocessor):
     async def _apostprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
-        if not any(has_image(n.node) for n in nodes):
+        if not any(self._screened(n.node) for n in nodes):
             return self._postprocess_nodes(nodes, query_bundle)
         return await asyncio.to_thread(self._postprocess_nodes, nodes, query_bundle)

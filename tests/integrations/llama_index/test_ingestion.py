@@ -322,3 +322,29 @@ def test_docs_recipe_runs(data_dir, monkeypatch, tmp_path, capsys):
     exec(compile(code.replace('Path("photos")', f"Path({str(data_dir / 'benign')!r})"), "docs/llamaindex.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("chelsea.png ") for line in out) and "text not an image" in out
+
+
+def test_an_image_node_naming_its_file_only_in_metadata_is_screened_and_cleared(make_config, benign_path, decision_events):
+    """Attack (red team): ImageNode(metadata={"file_path": ...}) with no image field was indexed
+    unscreened; LlamaIndex loads that file as the node's image."""
+    node = ImageNode(text="caption", metadata={"file_path": str(benign_path)}, id_="n")
+    assert GuardAlignImageTransform(make_config(-1.0, local_files=False))([node]) == []  # a local file: refused
+    assert str(benign_path.parent) not in decision_events[0].reason
+    (out,) = GuardAlignImageTransform(make_config(100.0))([node])
+    assert out.metadata["guardalign"]["decision"] == "mask" and "file_path" not in out.metadata
+    import io
+
+    from PIL import Image
+
+    assert (pixels(Image.open(io.BytesIO(image_bytes(out)))) == 0).all()
+
+
+def test_an_index_node_holding_an_image_node_is_not_indexed_unscreened(make_config, benign_path):
+    """Attack (red team): IndexNode(obj=ImageNode(...)) passed ingestion untouched, its image never screened."""
+    from llama_index.core.schema import IndexNode
+
+    inner = ImageNode(image=b64(benign_path), image_mimetype="image/png", id_="inner")
+    index_node = IndexNode(text="see image", index_id=inner.node_id, obj=inner, id_="idx")
+    plain = IndexNode(text="see index", index_id="other", obj=TextNode(text="t"), id_="plain")
+    out = GuardAlignImageTransform(make_config(-1.0))([index_node, plain])
+    assert [n.node_id for n in out] == ["plain"]

@@ -307,3 +307,51 @@ def test_prefill_without_trailing_whitespace_reaches_a_chat_model_behind_the_leg
     mm.complete("describe", image_documents=[document])
     last = recording_llm.last_messages[-1]
     assert last.role == MessageRole.ASSISTANT and last.content and last.content == last.content.rstrip()
+
+
+# -- nodes whose image LlamaIndex finds where the guard did not look -------------------------------
+
+
+def test_an_image_node_naming_its_file_only_in_metadata_is_screened(make_config, benign_path, monkeypatch):
+    """Attack (red team): ImageNode(metadata={"file_path": ...}) with no image field was stamped
+    "no image" and forwarded; LlamaIndex's image_node_to_image_block then sent that file unscreened."""
+    from llama_index.core.base.llms.generic_utils import image_node_to_image_block
+
+    reads: list[str] = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(str(self)) or real(self))
+    node = ImageNode(text="caption", metadata={"file_path": str(benign_path), "file_name": benign_path.name}, id_="n")
+    refused = GuardAlignImagePostprocessor(make_config(-1.0, local_files=False))
+    assert refused.postprocess_nodes([NodeWithScore(node=node, score=1.0)]) == []  # a local file: refused, not read
+    assert str(benign_path) not in reads
+    (out,) = GuardAlignImagePostprocessor(make_config(100.0)).postprocess_nodes([NodeWithScore(node=node, score=1.0)])
+    assert out.node.metadata["guardalign"]["decision"] == "mask"
+    assert "file_path" not in out.node.metadata and out.node.metadata["file_name"] == benign_path.name
+    block = image_node_to_image_block(out.node)
+    assert block.path is None and block.url is None and _black(block.resolve_image().read())
+    assert node.metadata["file_path"] == str(benign_path)  # the stored node is not modified
+
+
+def test_a_stamp_is_not_trusted_beside_a_metadata_file_path(make_config, benign_path):
+    from guardalign_integrations.llama_index._trust import inline_image
+
+    node = ImageNode(image=base64.b64encode(benign_path.read_bytes()).decode(), metadata={"file_path": "/elsewhere.png"})
+    assert inline_image(node) is None  # screened again, and the key cleared
+
+
+@pytest.mark.parametrize("kind", ["audio-holding-png", "video-url", "image-and-audio-png"])
+def test_media_nodes_are_refused_at_query_time_as_at_ingestion(kind, make_config, benign_path, decision_events):
+    """Attack (red team): Node(audio_resource=<PNG>) / Node(video_resource=url) passed the postprocessor
+    stamped "no image" although ingestion refuses them."""
+    png = benign_path.read_bytes()
+    node = {
+        "audio-holding-png": Node(audio_resource=MediaResource(data=png, mimetype="audio/wav"), id_="n"),
+        "video-url": Node(video_resource=MediaResource(url="https://evil.example/v.mp4"), id_="n"),
+        "image-and-audio-png": Node(image_resource=MediaResource(data=png), audio_resource=MediaResource(data=png), id_="n"),
+    }[kind]
+    screen = GuardAlignImagePostprocessor(make_config(-1.0, fail_open=True, local_files=False))  # refused even under fail_open
+    assert screen.postprocess_nodes([NodeWithScore(node=node, score=1.0)]) == []
+    assert [e.decision for e in decision_events] == ["block"]
+    if kind == "video-url":
+        allowed = GuardAlignImagePostprocessor(make_config(-1.0), allow_media=("video",))
+        assert [n.node.node_id for n in allowed.postprocess_nodes([NodeWithScore(node=node, score=1.0)])] == ["n"]

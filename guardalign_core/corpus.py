@@ -134,7 +134,9 @@ class ResumeState:
     """What an existing verdict file already holds, for a resumed scan."""
 
     done: set[str] = field(default_factory=set)
-    """Sources with a verdict under this configuration: skip them."""
+    """Sources whose last row under this configuration is a verdict (status ok): skip them. A source
+    whose last row is an error row is scanned again, and its new row appended: the last row for a
+    source wins."""
     rows: int = 0
     """Complete rows in the file."""
     valid_bytes: int = 0
@@ -151,7 +153,7 @@ def read_resume_state(path: str | Path, fingerprint: str) -> ResumeState:
         fingerprint: the configuration fingerprint of the scan about to resume.
 
     Returns:
-        The sources already done, the number of rows and where the complete lines end.
+        The sources already done (last row not an error row), the number of rows and where the complete lines end.
 
     Raises:
         VerdictFileError: a row came from another configuration (resuming would mix verdicts),
@@ -186,8 +188,11 @@ def read_resume_state(path: str | Path, fingerprint: str) -> ResumeState:
             state.rows += 1
             if row_fingerprint != fingerprint:
                 other[row_fingerprint] = other.get(row_fingerprint, 0) + 1
-            elif key is not None:
-                state.done.add(key)
+            elif key is not None:  # the last row for a source wins: an error row (perhaps transient) is rescanned
+                if row.get("status") == Status.ERROR.value:
+                    state.done.discard(key)
+                else:
+                    state.done.add(key)
     state.valid_bytes = offset
     if other:
         count = sum(other.values())

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 import urllib.parse
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from PIL import Image
 
@@ -118,22 +120,57 @@ def _label(source: str | None, position: int) -> str:
 
 
 class _ObjectStores:
-    """``pyarrow.fs`` file systems, one per bucket (client set-up is not free)."""
+    """``pyarrow.fs`` file systems for object-store URIs, one per scheme and bucket (client set-up is not free).
 
-    def __init__(self) -> None:
-        self._systems: dict[str, Any] = {}
+    A row's URI names only a scheme, a bucket and a key: where the requests go (endpoint,
+    transport, credentials) comes from the caller's code (``filesystems``, else a file system
+    built from the scheme alone, credentials from the environment), never from the row. A URI
+    with a query, fragment, user or port is refused: ``s3://b/k?endpoint_override=host``
+    would otherwise send signed requests to any host the corpus names.
+    """
+
+    def __init__(self, filesystems: "Mapping[str, Any] | None" = None) -> None:
+        self._given = {str(k).lower(): v for k, v in (filesystems or {}).items()}
+        unknown = sorted(set(self._given) - OBJECT_STORE_SCHEMES)
+        if unknown:
+            raise ValueError(f"filesystems: keys are URI schemes ({', '.join(sorted(OBJECT_STORE_SCHEMES))}), got {', '.join(map(repr, unknown))}")
+        self._systems: dict[tuple[str, str], Any] = {}
+
+    def _system(self, scheme: str, bucket: str, limits: ImageLimits) -> Any:
+        if scheme in self._given:
+            return self._given[scheme]
+        key = (scheme, bucket)
+        if key not in self._systems:
+            self._systems[key] = _default_filesystem(scheme, bucket, limits.fetch_timeout_s)
+        return self._systems[key]
 
     def read(self, uri: str, limits: ImageLimits, label: str) -> bytes:
-        import pyarrow.fs as pafs
-
-        parsed = urllib.parse.urlparse(uri)
-        key = f"{parsed.scheme}://{parsed.netloc}"
         try:
-            if key in self._systems and parsed.scheme in _BUCKET_SCHEMES:
-                system, path = self._systems[key], f"{parsed.netloc}{parsed.path}"
-            else:
-                system, path = pafs.FileSystem.from_uri(uri)
-                self._systems[key] = system
+            parsed = urllib.parse.urlsplit(uri)
+        except ValueError:
+            raise InvalidImageSourceError(_UNREADABLE, source=label) from None
+        scheme, netloc = parsed.scheme.lower(), parsed.netloc
+        if "?" in uri or "#" in uri or "@" in netloc or ":" in netloc:
+            raise InvalidImageSourceError(
+                "an object-store URI may not carry a query, fragment, user or port (the file system's options come "
+                "from scan_dataset(filesystems=...), not from the row)",
+                source=label,
+            )
+        key_path = urllib.parse.unquote(parsed.path)
+        if scheme in _BUCKET_SCHEMES:
+            if not _BUCKET.fullmatch(netloc) or not key_path.strip("/"):
+                raise InvalidImageSourceError(f"{_UNREADABLE}: not a bucket/key URI", source=label)
+            bucket, path = netloc, f"{netloc}{key_path}"
+        else:  # hdfs, viewfs: the cluster is the caller's (filesystems=, or fs.defaultFS), never a host the row names
+            if netloc and scheme not in self._given:
+                raise InvalidImageSourceError(
+                    f"an {scheme}:// URI naming a host is read only through scan_dataset(filesystems={{{scheme!r}: ...}}); "
+                    f"write {scheme}:///path for the default file system",
+                    source=label,
+                )
+            bucket, path = "", key_path
+        try:
+            system = self._system(scheme, bucket, limits)
             with system.open_input_stream(path) as stream:
                 data = stream.read(limits.max_bytes + 1)
         except (OSError, ValueError, TypeError):
@@ -141,6 +178,32 @@ class _ObjectStores:
         if len(data) > limits.max_bytes:
             raise ImageTooLargeError(f"{_UNREADABLE}: over the limit of {limits.max_bytes} bytes (ImageLimits.max_bytes)", source=label)
         return data
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]")  # S3 and GCS bucket names (lower case, no host syntax)
+
+
+def _default_filesystem(scheme: str, bucket: str, timeout_s: float) -> Any:
+    """The file system for ``scheme`` built from the scheme (and, for S3, the bucket's region) alone.
+
+    Every request is bounded by ``ImageLimits.fetch_timeout_s``, so an unreachable store fails
+    the row instead of stalling the scan.
+    """
+    import datetime
+
+    import pyarrow.fs as pafs
+
+    if scheme == "s3":
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not region:
+            try:
+                region = pafs.resolve_s3_region(bucket)  # asks AWS itself; the bucket name cannot pick the host
+            except (OSError, ValueError):
+                region = None
+        return pafs.S3FileSystem(region=region, connect_timeout=timeout_s, request_timeout=timeout_s)
+    if scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=max(1.0, timeout_s)))
+    return pafs.HadoopFileSystem("default")
 
 
 def _read_uri(text: str, limits: ImageLimits, label: str, stores: _ObjectStores) -> bytes:
@@ -208,6 +271,7 @@ def scan_values(
     fingerprint: str,
     include_sanitized: bool = False,
     stores: _ObjectStores | None = None,
+    filesystems: "Mapping[str, Any] | None" = None,
 ) -> list[dict[str, Any]]:
     """Verdict rows for one batch of row values (what each actor runs; no Ray needed).
 
@@ -218,13 +282,14 @@ def scan_values(
         fingerprint: :func:`~guardalign_core.memory.config_fingerprint` of the config and detector.
         include_sanitized: add ``sanitized_png`` (PNG of the masked pixels; ``None`` where the
             original is what should be used, or nothing may be).
+        filesystems: as for :func:`scan_dataset` (ignored when ``stores`` is given).
 
     Returns:
         One row per value, in order; a value that cannot be read gives an error row.
     """
     if len(values) != len(sources):
         raise ValueError(f"sources: got {len(sources)} for {len(values)} values")
-    stores = stores or _ObjectStores()
+    stores = stores or _ObjectStores(filesystems)
     limits = detector.image_limits
     labels = [_label(source, i) for i, source in enumerate(sources)]
     inputs: dict[int, Any] = {}
@@ -258,7 +323,8 @@ def _pick_column(columns: Sequence[str]) -> str:
 class _VerdictScanner:
     """The ``map_batches`` callable: builds the detector once per actor, then scans batches."""
 
-    def __init__(self, config: dict[str, Any], column: str | None, source_column: str | None, include_sanitized: bool) -> None:
+    def __init__(self, config: dict[str, Any], column: str | None, source_column: str | None, include_sanitized: bool,
+                 filesystems: "Mapping[str, Any] | None" = None) -> None:
         from .detector import create_detector
         from .memory import config_fingerprint
 
@@ -266,7 +332,7 @@ class _VerdictScanner:
         self.detector = create_detector(guard_config).load()
         self.fingerprint = config_fingerprint(guard_config, self.detector)
         self.column, self.source_column, self.include_sanitized = column, source_column, include_sanitized
-        self.stores = _ObjectStores()
+        self.stores = _ObjectStores(filesystems)
         self.schema = verdict_schema(include_sanitized)
 
     def __call__(self, batch: dict[str, Any]) -> "pyarrow.Table":
@@ -312,6 +378,7 @@ def scan_dataset(
     num_gpus: float | None = None,
     num_cpus: float | None = None,
     include_sanitized: bool = False,
+    filesystems: "Mapping[str, Any] | None" = None,
 ) -> "ray.data.Dataset":
     """Screen every image of a Ray Dataset; returns a Dataset of verdict rows (lazy, like any Ray transform).
 
@@ -332,6 +399,10 @@ def scan_dataset(
         include_sanitized: add a ``sanitized_png`` column (the masked pixels as PNG where the
             decision is ``mask``, or a re-encode where the original bytes would show a model
             other pixels; ``None`` otherwise).
+        filesystems: ``pyarrow.fs`` file systems by URI scheme (``{"s3": S3FileSystem(endpoint_override=...)}``)
+            for path/URI rows; a scheme not given gets one built from the scheme alone (credentials from
+            the environment, each request bounded by ``ImageLimits.fetch_timeout_s``). A row never sets
+            options: an object-store URI with a query, fragment, user or port is an error row.
 
     Returns:
         A ``ray.data.Dataset`` with one :class:`~guardalign_core.corpus.VerdictRow` row per
@@ -355,6 +426,7 @@ def scan_dataset(
     for name, value in (("num_gpus", num_gpus), ("num_cpus", num_cpus)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise ValueError(f"{name}: must be a non-negative number, got {value!r}")
+    filesystems = dict(_ObjectStores(filesystems)._given) or None  # validated before any actor starts
     if num_gpus is None:
         num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
     if guard_config.detector.device.startswith("cuda") and not num_gpus:
@@ -366,6 +438,7 @@ def scan_dataset(
             "column": column,
             "source_column": source_column,
             "include_sanitized": include_sanitized,
+            "filesystems": filesystems,
         },
         batch_size=batch_size,
         batch_format="numpy",

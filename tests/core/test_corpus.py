@@ -115,3 +115,22 @@ def test_missing_or_empty_file_is_an_empty_state(tmp_path):
     assert read_resume_state(tmp_path / "none.jsonl", "fp").done == set()
     (tmp_path / "empty.jsonl").write_text("")
     assert read_resume_state(tmp_path / "empty.jsonl", "fp").rows == 0
+
+
+def test_resume_rescans_sources_whose_last_row_is_an_error_and_the_last_row_wins(tmp_path):
+    """Attack: an image that failed transiently (a timeout, a flaky mount) was marked done for ever by --resume."""
+    out = tmp_path / "out.jsonl"
+    rows = [
+        {**_row("/flaky.png"), "status": "error", "decision": "block"},
+        {**_row("/ok.png"), "status": "ok"},
+        {**_row("/fixed.png"), "status": "error", "decision": "block"},
+        {**_row("/fixed.png"), "status": "ok"},  # a later resume scanned it again: the last row wins
+        {**_row("/broke.png"), "status": "ok"},
+        {**_row("/broke.png"), "status": "error", "decision": "block"},
+    ]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    state = read_resume_state(out, "fp")
+    assert state.done == {"/ok.png", "/fixed.png"} and state.rows == 6
+    with VerdictJsonlWriter(out, resume=True, state=state) as writer:
+        writer.write_rows([{**_row("/flaky.png"), "status": "ok"}])
+    assert "/flaky.png" in read_resume_state(out, "fp").done

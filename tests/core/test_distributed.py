@@ -211,9 +211,11 @@ def test_cli_ray_writes_every_image_once_to_jsonl(ray_cluster, config, tmp_path,
     assert sorted(os.path.basename(r["source"]) for r in rows) == sorted([f.name for f in good] + list(corrupt))
     assert ray_cluster.is_initialized()  # a cluster the CLI did not start is left running
     capsys.readouterr()
-    # the in-process scan computes the same config fingerprint as the actors: resuming without Ray skips them all
+    # the in-process scan computes the same config fingerprint as the actors: resuming without Ray skips every
+    # verdict; the error rows (the corrupt files) are scanned again, and their new rows appended (the last row wins)
     assert main(["scan", str(folder), "--config", str(config_file), "--jsonl", str(out), "--resume"]) == 0
-    assert f"0 image(s) scanned, 0 unsafe, 0 error(s), {len(rows)} already in out.jsonl" in capsys.readouterr().out
+    assert f"{len(corrupt)} image(s) scanned, 0 unsafe, {len(corrupt)} error(s), {len(good)} already in out.jsonl" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == len(rows) + len(corrupt)
 
 
 @ray_only
@@ -230,3 +232,127 @@ def test_bad_arguments_are_refused_before_anything_runs(kwargs, message):
 
     with pytest.raises((ValueError, TypeError), match=message):
         scan_dataset(object(), **kwargs)  # never reaches the dataset
+
+
+# -- object-store rows: the row names a bucket and key, never where requests go ------------------
+@pytest.fixture
+def decoy_server():
+    """A loopback HTTP server that records every request (it must see none) and serves a PNG."""
+    import http.server
+    import threading
+
+    body, hits = encode_png(Image.new("RGB", (32, 32), (0, 0, 255))), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _reply(self, send):
+            hits.append((self.command, self.path, self.headers.get("Authorization", "")))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+            self.end_headers()
+            if send:
+                self.wfile.write(body)
+
+        def do_HEAD(self):
+            self._reply(False)
+
+        def do_GET(self):
+            self._reply(True)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], hits
+    server.shutdown()
+    server.server_close()
+
+
+def _aws_env(monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIAVICTIM", "AWS_SECRET_ACCESS_KEY": "victimsecret",
+                        "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_an_object_store_row_cannot_choose_the_endpoint_or_poison_the_bucket(detector, tmp_path, decoy_server, monkeypatch):
+    """Attack: 's3://bucket/k?endpoint_override=HOST&scheme=http' sent signed requests to HOST and cached that
+    file system for the bucket, so the corpus's genuine rows of the bucket were then read from HOST."""
+    import pyarrow.fs as pafs
+
+    _aws_env(monkeypatch)
+    port, hits = decoy_server
+    bucket = tmp_path / "stores" / "victim-bucket" / "real"
+    bucket.mkdir(parents=True)
+    genuine = _files(1)[0]
+    (bucket / "unsafe.png").write_bytes(genuine.read_bytes())
+    stores = {"s3": pafs.SubTreeFileSystem(str(tmp_path / "stores"), pafs.LocalFileSystem())}  # the caller's file system
+    poison = [
+        f"s3://victim-bucket/a.png?endpoint_override=127.0.0.1:{port}&scheme=http",
+        f"gs://victim-bucket/a.png?endpoint_override=127.0.0.1:{port}&scheme=http",
+        f"s3://victim-bucket/a.png#endpoint_override=127.0.0.1:{port}",
+        f"s3://user:pw@victim-bucket/a.png",
+        f"s3://victim-bucket:{port}/a.png",
+        f"hdfs://127.0.0.1:{port}/a.png",
+        f"hdfs://namenode/a.png",
+    ]
+    values = [f"http://127.0.0.1:{port}/x.png", *poison, "s3://victim-bucket/real/unsafe.png"]
+    rows = scan_values(detector, values, values, fingerprint="f", filesystems=stores)
+    assert hits == []  # nothing reached the decoy: no request, no signed header
+    for row in rows[:-1]:
+        assert row["status"] == "error" and row["decision"] == "block"
+        assert "127.0.0.1" not in row["error"] and str(port) not in row["error"] and str(tmp_path) not in row["error"]
+    assert "query, fragment, user or port" in rows[1]["error"] and "filesystems" in rows[-2]["error"]
+    _assert_same_verdict(rows[-1], detector.scan([str(genuine)])[0])  # the genuine row: read through the caller's file system
+
+
+def test_the_default_file_system_takes_nothing_from_the_row_and_is_cached_per_bucket(monkeypatch):
+    from guardalign_core import distributed
+    from guardalign_core.images import ImageLimits
+
+    built = []
+    monkeypatch.setattr(distributed, "_default_filesystem", lambda scheme, bucket, timeout: built.append((scheme, bucket, timeout)) or object())
+    stores = distributed._ObjectStores()
+    limits = ImageLimits(fetch_timeout_s=2.5)
+    for uri in ("s3://b-one/x.png", "s3://b-one/y.png", "s3://b-two/x.png", "gs://b-one/x.png"):
+        with pytest.raises(Exception):
+            stores.read(uri, limits, "x.png")  # object() cannot open anything
+    assert built == [("s3", "b-one", 2.5), ("s3", "b-two", 2.5), ("gs", "b-one", 2.5)]
+    with pytest.raises(ValueError, match="filesystems: keys are URI schemes"):
+        distributed._ObjectStores({"http": object()})
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_an_unreachable_object_store_fails_the_row_within_the_fetch_timeout(base_config, monkeypatch, scheme):
+    """Attack: one row pointing at an unreachable store stalled the scan for minutes (no timeout, GCS retries).
+    The default file system is built with the fetch timeout; here it is aimed at a closed loopback port."""
+    import socket
+    import time
+
+    import pyarrow.fs as pafs
+
+    _aws_env(monkeypatch)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # closed once the block ends
+    seen = {}
+    real = {"gs": pafs.GcsFileSystem, "s3": pafs.S3FileSystem}[scheme]
+
+    def aimed(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs, endpoint_override=f"127.0.0.1:{closed}", scheme="http", **({"anonymous": True} if scheme == "gs" else {}))
+
+    monkeypatch.setattr(pafs, {"gs": "GcsFileSystem", "s3": "S3FileSystem"}[scheme], aimed)
+    config = base_config.model_copy(update={"images": base_config.images.model_copy(update={"fetch_timeout_s": 1.0})})
+    started = time.monotonic()
+    uri = f"{scheme}://some-bucket/a.png"
+    row = scan_values(create_detector(config), [uri], [uri], fingerprint="f")[0]
+    assert row["status"] == "error" and row["error"] == "a.png: could not be read"
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, elapsed
+    assert seen and all(str(closed) not in str(v) for v in seen.values())
+    if scheme == "gs":
+        assert seen["retry_time_limit"].total_seconds() == 1
+    else:
+        assert seen["connect_timeout"] == seen["request_timeout"] == 1.0

@@ -8,6 +8,8 @@ test fixtures (4-layer models of every family) stay in :mod:`guardalign_core.tes
 
 from __future__ import annotations
 
+from . import _compat
+
 from typing import TYPE_CHECKING
 
 from .testing.tiny_tokenizer import build_chat_template, build_tiny_tokenizer, special_token_ids
@@ -51,6 +53,7 @@ def build_bench_lvlm(
         ``(model, processor)`` in eval mode, float32, CPU.
     """
     import torch
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import AutoModelForImageTextToText, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
     from transformers import LlavaConfig, LlavaProcessor
 
@@ -105,6 +108,7 @@ def llava_1_5_7b_config(*, vocab_size: int = 32064, image_token_index: int = 320
         A ``LlavaConfig``; build the model with ``LlavaForConditionalGeneration(config)``
         (about 7 B parameters: 14 GB in bfloat16).
     """
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     return LlavaConfig(

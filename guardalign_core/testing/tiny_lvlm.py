@@ -23,6 +23,8 @@ The real-size benchmark models (:func:`~guardalign_core.bench_models.build_bench
 
 from __future__ import annotations
 
+from .. import _compat
+
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +74,7 @@ def _clip_vision(**overrides: Any) -> dict[str, Any]:
 
 
 def _clip_image_processor() -> Any:
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import CLIPImageProcessor
 
     size = _TINY_IMAGE_SIZE
@@ -82,6 +85,7 @@ def _clip_image_processor() -> Any:
 
 
 def _llava() -> tuple[PretrainedConfig, ProcessorMixin]:
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
 
     template = build_chat_template("<image>\n")
@@ -107,6 +111,7 @@ def _llava() -> tuple[PretrainedConfig, ProcessorMixin]:
 
 
 def _llava_next() -> tuple[PretrainedConfig, ProcessorMixin]:
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextImageProcessor
     from transformers import LlavaNextProcessor
 
@@ -139,6 +144,7 @@ def _llava_next() -> tuple[PretrainedConfig, ProcessorMixin]:
 
 
 def _llava_onevision() -> tuple[PretrainedConfig, ProcessorMixin]:
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor
     from transformers import LlavaOnevisionVideoProcessor, Qwen2Config, SiglipVisionConfig
 
@@ -176,6 +182,7 @@ def _llava_onevision() -> tuple[PretrainedConfig, ProcessorMixin]:
 
 
 def _qwen2_vl_parts(version: str) -> tuple[PretrainedConfig, ProcessorMixin]:
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     markup = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -202,6 +209,7 @@ def _qwen2_vl_parts(version: str) -> tuple[PretrainedConfig, ProcessorMixin]:
         "size": {"shortest_edge": pixels, "longest_edge": pixels},
     }
     if version == "2":
+        _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
         from transformers import Qwen2VLConfig, Qwen2VLProcessor
 
         vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
@@ -209,6 +217,7 @@ def _qwen2_vl_parts(version: str) -> tuple[PretrainedConfig, ProcessorMixin]:
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **special)
         processor_cls = Qwen2VLProcessor
     else:
+        _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
 
         vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64,
@@ -234,6 +243,7 @@ def _qwen2_5_vl() -> tuple[PretrainedConfig, ProcessorMixin]:
 
 
 def _internvl() -> tuple[PretrainedConfig, ProcessorMixin]:
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLProcessor, InternVLVideoProcessor
     from transformers import InternVLVisionConfig, Qwen2Config
 
@@ -272,6 +282,7 @@ def _internvl() -> tuple[PretrainedConfig, ProcessorMixin]:
 
 
 def _idefics3() -> tuple[PretrainedConfig, ProcessorMixin]:
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
     from transformers import Idefics3VisionConfig, LlamaConfig
 
@@ -307,6 +318,7 @@ def _idefics3() -> tuple[PretrainedConfig, ProcessorMixin]:
 
 
 def _mllama() -> tuple[PretrainedConfig, ProcessorMixin]:
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import MllamaConfig, MllamaImageProcessor, MllamaProcessor
     from transformers import MllamaTextConfig, MllamaVisionConfig
 
@@ -369,6 +381,7 @@ def build_tiny_lvlm(
         4
     """
     import torch
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import AutoModelForImageTextToText
 
     if family not in _BUILDERS:

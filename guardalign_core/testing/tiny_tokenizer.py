@@ -12,6 +12,8 @@ with a real vocabulary.
 
 from __future__ import annotations
 
+from .. import _compat
+
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -83,6 +85,7 @@ def build_tiny_tokenizer(
         '<image>'
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    _compat.ensure_torchvision_importable()  # transformers imports torchvision (see _compat)
     from transformers import PreTrainedTokenizerFast
 
     named = dict(extra_special_tokens or {})

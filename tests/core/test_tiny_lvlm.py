@@ -106,3 +106,17 @@ def test_bench_builder_and_llava_7b_dimensions() -> None:
     assert (vision.intermediate_size, vision.image_size, vision.patch_size) == (4096, 336, 14)
     assert config.projector_hidden_act == "gelu" and config.vision_feature_layer == -2
     assert CalibrationConfig().resolve_layers(text.num_hidden_layers) == list(range(8, 24))
+
+
+def test_builders_work_in_a_fresh_process_without_the_test_setup():
+    # `import guardalign_core` no longer repairs torchvision; the builders must do it themselves
+    # (benchmarks and user scripts call them without conftest.py).
+    import subprocess
+    import sys
+
+    code = (
+        "from guardalign_core.bench_models import build_bench_lvlm; build_bench_lvlm(num_layers=2, hidden=64);"
+        "from guardalign_core.testing.tiny_lvlm import build_tiny_lvlm; build_tiny_lvlm('llava')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -69,12 +69,23 @@ def is_base64_payload(text: str) -> bool:
         return False  # a hash or a hex id: no provider decodes hex as an image
     if len(compact) >= MIN_PAYLOAD_CHARS:
         return True
-    head = compact[: len(compact) - len(compact) % 4]
+    decoded = base64_head(compact)
+    return decoded is not None and decoded.startswith(_SIGNATURES)
+
+
+def base64_head(text: str, max_chars: int | None = None) -> bytes | None:
+    """The bytes the first whole base64 quanta of ``text`` encode (standard or URL-safe alphabet,
+    whitespace ignored), or ``None`` if they are not base64; at most ``max_chars`` characters are
+    decoded, so a caller can sniff a file signature without decoding a large payload.
+    """
+    window = text if max_chars is None else text[: 2 * max_chars]  # room for line breaks
+    compact = "".join(window.split())
+    head = compact if max_chars is None else compact[:max_chars]
+    head = head[: len(head) - len(head) % 4]
     try:
-        decoded = base64.b64decode(head, altchars=b"-_" if ("-" in head or "_" in head) else None, validate=True)
+        return base64.b64decode(head, altchars=b"-_" if ("-" in head or "_" in head) else None, validate=True)
     except (binascii.Error, ValueError):
-        return False
-    return decoded.startswith(_SIGNATURES)
+        return None
 
 
 def _byte_list(value: list | tuple) -> bool:

@@ -21,7 +21,7 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from guardalign_core._payloads import carries_media, inline_media
+from guardalign_core._payloads import base64_head, carries_media, inline_media
 from guardalign_core.guard import ContentImage, ImageGuard, RequestVerdict, SafetyPrompt
 from guardalign_core.results import Status
 from guardalign_core.screening import sniff_mime
@@ -240,12 +240,8 @@ def _audio_is_an_image(audio: Any) -> bool:
     data = audio.get("data") if isinstance(audio, dict) else None
     if not isinstance(data, str):
         return False
-    head = "".join(data[:96].split())[:64]
-    try:
-        raw = base64.b64decode(head + "=" * (-len(head) % 4))
-    except ValueError:
-        return False
-    return sniff_mime(raw) is not None
+    head = base64_head(data.lstrip(), max_chars=64)
+    return head is not None and sniff_mime(head) is not None
 
 
 def data_url(data: bytes, mime: str) -> str:

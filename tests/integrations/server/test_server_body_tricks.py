@@ -149,3 +149,11 @@ def test_real_audio_still_passes(gateway):
     before = len(gateway.forwarded())
     response = httpx.post(gateway.base_url + "/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": [part]}]}, timeout=60)
     assert response.status_code == 200 and len(gateway.forwarded()) == before + 1
+
+
+@pytest.mark.parametrize("encode", [base64.urlsafe_b64encode, lambda b: b"\n".join(base64.encodebytes(b).split(b"\n"))])
+def test_image_bytes_as_input_audio_are_refused_in_any_base64_spelling(gateway, png_bytes, encode):
+    data = encode(png_bytes).decode()
+    part = {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+    response = send(gateway, J({"model": "m", "messages": [{"role": "user", "content": [part]}]}))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "guardalign_unsupported_content"

@@ -17,24 +17,8 @@ import torch
 
 from guardalign_core.bench import bench_calibration
 from guardalign_core.calibration import _interface
-from guardalign_core.calibration.bias import raw_prefix_scores
 from guardalign_core.bench_models import build_bench_lvlm
-
-
-def legacy_biased_mask(query, key, attention_mask, geo, gamma, scaling):
-    """The per-layer rebuild: gather the prefix keys, copy the whole base mask, scatter the bias."""
-    if gamma == 0 or not geo.any_query:
-        return attention_mask
-    batch, heads, q_len, _ = query.shape
-    kv_heads, kv_len, head_dim = key.shape[1], key.shape[2], key.shape[3]
-    num_prefix = geo.index.shape[1]
-    gather_kv = geo.index[:, None, :, None].expand(batch, kv_heads, num_prefix, head_dim)
-    prefix_keys = key.gather(2, gather_kv)
-    raw = raw_prefix_scores(query, prefix_keys)
-    bias = torch.relu(raw).mul_(raw).mul_(geo.coefficient(gamma * scaling))
-    mask = geo.base.expand(batch, heads, q_len, kv_len).contiguous()
-    mask.scatter_add_(-1, geo.index[:, None, None, :].expand(batch, heads, q_len, num_prefix), bias.to(mask.dtype))
-    return mask
+from guardalign_core.testing.calibration_reference import legacy_biased_mask
 
 
 def main() -> None:

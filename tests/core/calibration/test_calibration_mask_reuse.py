@@ -1,8 +1,8 @@
 """The per-forward mask buffer (issue 14) computes exactly what the per-layer rebuild computed.
 
-``legacy_biased_mask`` is the implementation this replaced, kept here verbatim as the
-reference: per layer it gathered the prefix keys, copied the whole ``(b, heads, q, kv)`` base
-mask and scattered the bias into it. The new path slices the keys when every row shares one
+``legacy_biased_mask`` (guardalign_core.testing.calibration_reference) is the implementation
+this replaced, kept verbatim as the reference: per layer it gathered the prefix keys, copied
+the whole ``(b, heads, q, kv)`` base mask and scattered the bias into it. The new path slices the keys when every row shares one
 prefix span, and writes only the prefix columns of one buffer per forward pass.
 """
 
@@ -14,7 +14,7 @@ import torch
 from guardalign_core.calibration import CalibrationConfig, apply_calibration, calibrated, find_prefix_spans
 from guardalign_core.calibration import _interface
 from guardalign_core.calibration._state import CallState, prefix_tensors
-from guardalign_core.calibration.bias import raw_prefix_scores
+from guardalign_core.testing.calibration_reference import legacy_biased_mask
 from guardalign_core.testing.tiny_lvlm import build_tiny_lvlm, tiny_image
 
 PREFIX = "As an AI assistant,"
@@ -24,22 +24,6 @@ GAMMA = 1.0
 @pytest.fixture(autouse=True)
 def _two_threads() -> None:
     torch.set_num_threads(2)
-
-
-def legacy_biased_mask(query, key, attention_mask, geo, gamma, scaling):
-    """The per-layer rebuild that the buffer replaced (the previous ``_biased_mask``)."""
-    if gamma == 0 or not geo.any_query:
-        return attention_mask
-    batch, heads, q_len, _ = query.shape
-    kv_heads, kv_len, head_dim = key.shape[1], key.shape[2], key.shape[3]
-    num_prefix = geo.index.shape[1]
-    gather_kv = geo.index[:, None, :, None].expand(batch, kv_heads, num_prefix, head_dim)
-    prefix_keys = key.gather(2, gather_kv)
-    raw = raw_prefix_scores(query, prefix_keys)
-    bias = torch.relu(raw).mul_(raw).mul_(geo.coefficient(gamma * scaling))
-    mask = geo.base.expand(batch, heads, q_len, kv_len).contiguous()
-    mask.scatter_add_(-1, geo.index[:, None, None, :].expand(batch, heads, q_len, num_prefix), bias.to(mask.dtype))
-    return mask
 
 
 def _state(spans, gammas=None) -> CallState:

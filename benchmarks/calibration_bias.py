@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
 
 from guardalign_core.bench import bench_calibration
 from guardalign_core.calibration import _interface

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 
-
 from guardalign_core.bench import bench_calibration
 from guardalign_core.calibration import _interface
 from guardalign_core.bench_models import build_bench_lvlm

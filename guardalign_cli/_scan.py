@@ -89,6 +89,14 @@ def _table(results: list[ScanResult]) -> str:
     return "\n".join(lines)
 
 
+_OUT_KINDS = ("masked", "heatmap")
+
+
+def _out_files(out_dir: Path, files: list[Path]) -> list[Path]:
+    """The files :func:`_write_images` writes for ``files`` (checked before anything is scanned)."""
+    return [out_dir / f"{f.stem}.{kind}.png" for f in files for kind in _OUT_KINDS]
+
+
 def _write_images(out_dir: Path, file: Path, result: ScanResult, detector: Any) -> None:
     """``<name>.masked.png`` and ``<name>.heatmap.png`` for one checked image."""
     from guardalign_core.images import load_image
@@ -112,7 +120,7 @@ def run_scan(args: argparse.Namespace) -> int:
     results = detector.scan([str(f) for f in files], sources=[str(f) for f in files], progress=not args.json and sys.stderr.isatty())
     out_dir = Path(args.out) if args.out else None
     if out_dir:
-        refuse_overwrite("--out", (out_dir / f"{f.stem}.{kind}.png" for f in files for kind in ("masked", "heatmap")), force=args.force)
+        refuse_overwrite("--out", _out_files(out_dir, files), force=args.force)
         out_dir.mkdir(parents=True, exist_ok=True)
     for file, result in zip(files, results):
         if out_dir and result.status == Status.OK:
@@ -178,7 +186,7 @@ def _run_corpus_scan(args: argparse.Namespace) -> int:
     sink = VerdictJsonlWriter(args.jsonl, resume=bool(args.resume), force=args.force, state=state) if args.jsonl else _StdoutRows()
     out_dir = Path(args.out) if args.out else None
     if out_dir:
-        refuse_overwrite("--out", (out_dir / f"{f.stem}.{kind}.png" for f in todo for kind in ("masked", "heatmap")), force=args.force)
+        refuse_overwrite("--out", _out_files(out_dir, todo), force=args.force)
         out_dir.mkdir(parents=True, exist_ok=True)
     show = args.progress or (args.progress is None and sys.stderr.isatty())
     bar = tqdm(total=len(todo), unit="img", desc="scan", file=sys.stderr, disable=not show, smoothing=0.1, bar_format=_BAR)

@@ -13,9 +13,10 @@ What it does, in one run:
    this stack, i.e. the least any gateway built on it can add. Then a one-image request: the
    gateway's added cost (gateway minus direct, same body; and gateway minus floor, i.e. beyond
    the extra hop that carries the 1 MB body) against the core guard alone on the same image
-   (the same data URL, read, decode, scan, policy, memory; in this process on a worker thread
-   as the gateway runs it, same guard file, same torch thread count), interleaved image by
-   image, every image a distinct variant (no verdict reuse);
+   (the same data URL, read, decode, scan, policy, memory, on a worker thread as the gateway
+   runs it, same guard file; in a process of its own started and pinned like the gateway,
+   timed from inside), interleaved image by image, every image a distinct variant (no
+   verdict reuse);
 3. load: ``--requests`` mixed requests (text, streamed text, one image) at ``--concurrency``,
    counting every status (anything but 200 and a deliberate 429 is an error), p50/p99
    latency and requests/s, and the gateway's resident memory before and after.
@@ -238,19 +239,26 @@ def image_variants(data: bytes, n: int) -> list[bytes]:
     return out
 
 
-def detector_alone(guard_file: str, warm: str):
-    """A function timing the core guard alone on one image: read, decode, scan, policy, memory (no HTTP).
+def serve_alone(guard_file: str, urls_file: str) -> None:
+    """``--serve-alone``: the core guard alone, in a process of its own, timed from inside.
 
     The same work the gateway's screening step does for a one-image request: the same guard
     file, the image as the same data URL string (so the base64 decode counts on both sides),
-    the verdict remembered as the gateway remembers it, and run on a worker thread as the
-    gateway runs it (``run_in_threadpool``): under CPU contention a scan on the main thread
-    and one on a worker thread were measured to differ by up to 2.6× in one process.
+    the verdict remembered as the gateway remembers it, on a worker thread as the gateway
+    runs it (``run_in_threadpool``). It runs in its own process, started the way the gateway
+    is and pinned with it (``--pin``), so both see the same cores and the same torch thread
+    count: an in-client reference shared the client's core and measured 3,281 ms against
+    the gateway's 1,504 ms for ViT-B-32. Protocol on stdin/stdout, one line each: an index
+    into the URL list in, the milliseconds of that one screening out (``ready <threads>``
+    first, after a warm-up scan).
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
+
     from guardalign_core.guard import ContentImage, ImageGuard
 
+    urls = json.loads(Path(urls_file).read_text())
     guard = ImageGuard(guard_file)
     worker = ThreadPoolExecutor(1, thread_name_prefix="guard-alone")
 
@@ -259,8 +267,40 @@ def detector_alone(guard_file: str, warm: str):
         guard.screen([ContentImage("image", source=url, mime="image/png")])
         return (time.perf_counter() - t0) * 1000
 
-    worker.submit(scan, warm).result()
-    return lambda url: worker.submit(scan, url).result()
+    worker.submit(scan, urls[-1]).result()
+    print(f"ready {torch.get_num_threads()}", flush=True)  # noqa: T201 (the protocol)
+    for line in sys.stdin:
+        print(f"{worker.submit(scan, urls[int(line)]).result():.6f}", flush=True)  # noqa: T201
+
+
+class GuardAlone:
+    """The client's end of ``--serve-alone``: ``alone(i)`` screens ``urls[i]`` in the reference process."""
+
+    def __init__(self, guard_file: str, urls: list[str], env: dict[str, str], tmp: Path) -> None:
+        urls_file = tmp / "alone-urls.json"
+        urls_file.write_text(json.dumps(urls))
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-alone", guard_file, str(urls_file)], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.torch_threads: int | None = None
+
+    def wait_ready(self) -> None:
+        line = self.proc.stdout.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"the guard-alone process did not start (exit {self.proc.poll()})")
+        self.torch_threads = int(line.split()[1])
+
+    def __call__(self, index: int) -> float:
+        self.proc.stdin.write(f"{index}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def pin(pid: int, cpu: int | None) -> None:
@@ -285,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--serve-imitation", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve-floor", nargs=2, metavar=("PORT", "UPSTREAM"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-alone", nargs=2, metavar=("GUARD", "URLS"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_alone is not None:
+        serve_alone(*args.serve_alone)
+        return 0
     if args.serve_imitation is not None:
         serve_imitation(args.serve_imitation)
         return 0
@@ -305,13 +349,16 @@ def main(argv: list[str] | None = None) -> int:
         guard_file = str(save_config(GuardConfig(detector=tiny_detector_config(checkpoint, cache_dir=str(tmp))), tmp / "guard.yaml"))
     data = IMAGE.read_bytes()
     image_url = "data:image/png;base64," + base64.b64encode(data).decode()
+    # every one-image round uses distinct variants (one pixel changed: same scan cost, no verdict from memory)
+    variant_urls = ["data:image/png;base64," + base64.b64encode(v).decode() for v in image_variants(data, 2 * args.image_rounds + 1)]
+    alone = GuardAlone(guard_file, variant_urls, env, tmp)
     up_port, gw_port, floor_port = free_port(), free_port(), free_port()
     upstream_base = f"http://127.0.0.1:{up_port}/v1"
     upstream = subprocess.Popen([sys.executable, __file__, "--serve-imitation", str(up_port)], env=env)
     floor = subprocess.Popen([sys.executable, __file__, "--serve-floor", str(floor_port), upstream_base + "/"], env=env)
     gateway = subprocess.Popen([sys.executable, "-m", "guardalign_integrations.server.cli", "--upstream", upstream_base,
                                 "--guard", guard_file, "--port", str(gw_port), "--log-level", "warning"], env=env)
-    servers = [gateway, floor, upstream]
+    servers = [gateway, floor, alone.proc, upstream]
     base_port = free_port()
     if args.baseline_tree:
         tree = str(Path(args.baseline_tree).resolve())
@@ -324,13 +371,14 @@ def main(argv: list[str] | None = None) -> int:
                     "pinned": args.pin, "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
     if args.pin:
         pin(upstream.pid, 0)
-        for proc in servers[:-1]:
+        for proc in servers[:-1]:  # the gateway, the floor proxy, the guard alone (and the baseline gateway)
             pin(proc.pid, 1)
         pin(os.getpid(), 1)
     try:
         wait_http(f"http://127.0.0.1:{up_port}/v1/models", upstream)
         wait_http(f"http://127.0.0.1:{gw_port}/readyz", gateway)
         wait_http(f"http://127.0.0.1:{floor_port}/v1/chat/completions", floor, method="POST")
+        alone.wait_ready()
         targets = [("direct", up_port), ("floor", floor_port), ("gateway", gw_port)]
         if args.baseline_tree:
             wait_http(f"http://127.0.0.1:{base_port}/readyz", servers[0])
@@ -342,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             interleaved(first_chunk_ms, client, urls, stream, 50)
             report["text_only_ms"] = overhead_report(interleaved(request_ms, client, urls, text, args.sequential))
             report["first_chunk_ms"] = overhead_report(interleaved(first_chunk_ms, client, urls, stream, args.sequential))
-            report["one_image_ms"] = one_image(client, urls, guard_file, data, args.image_rounds)
+            report["one_image_ms"] = one_image(client, urls, alone, variant_urls, args.image_rounds)
+            report["guard_alone_torch_threads"] = alone.torch_threads
         report["load_average_after_overheads"] = os.getloadavg()
         if not args.skip_load:
             # a first run settles the allocator (arenas, buffer pools); growth is measured over the second, identical run
@@ -353,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             report["warm_run_statuses"] = warm_run["statuses"]
             report["gateway_rss_mb"] = {"before": round(before, 1), "after": round(after, 1), "growth": round(after - before, 1)}
     finally:
+        alone.close()
         for proc in servers:
             proc.terminate()
             try:
@@ -371,21 +421,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def one_image(client: httpx.Client, urls: dict[str, str], guard_file: str, data: bytes, rounds: int) -> dict:
+def one_image(client: httpx.Client, urls: dict[str, str], alone: GuardAlone, image_urls: list[str], rounds: int) -> dict:
     """One image: the gateway's added cost (gateway minus direct, same body) against the guard alone on that image.
 
-    Each round uses a distinct variant of the image (one pixel changed: same scan cost, no
-    verdict from memory), in a shuffled order, pre-serialised bodies.
+    Round ``i`` sends ``image_urls[i]`` through every HTTP target and has the guard-alone
+    process screen ``image_urls[rounds + i]`` (a variant of its own: its memory is separate
+    anyway), in a shuffled order, pre-serialised bodies.
     """
-    variants = image_variants(data, 2 * rounds + 1)
-    image_urls = ["data:image/png;base64," + base64.b64encode(v).decode() for v in variants]
-    alone = detector_alone(guard_file, image_urls[-1])
     bodies = [json.dumps(image_body(url)).encode() for url in image_urls[:rounds]]
-    request_ms(client, urls["gateway"], json.dumps(image_body("data:image/png;base64," + base64.b64encode(data).decode())).encode())
+    request_ms(client, urls["gateway"], json.dumps(image_body(image_urls[-1])).encode())
     steps = {"direct": lambda i: request_ms(client, urls["direct"], bodies[i]),
              "floor": lambda i: request_ms(client, urls["floor"], bodies[i]),
              "gateway": lambda i: request_ms(client, urls["gateway"], bodies[i]),
-             "guard_alone": lambda i: alone(image_urls[rounds + i])}  # a variant of its own: its memory is separate anyway
+             "guard_alone": lambda i: alone(rounds + i)}
     if "baseline" in urls:
         steps["baseline"] = lambda i: request_ms(client, urls["baseline"], bodies[i])
     times: dict[str, list[float]] = {name: [] for name in steps}

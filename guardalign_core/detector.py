@@ -8,7 +8,10 @@ and *finished* (results built, the policy of :func:`~guardalign_core.policy.appl
 applied, unsafe patches masked). When a scan spans more than one chunk, chunk k+1 is
 prepared on a thread while chunk k is scored, and chunk k is finished while chunk k+1 is
 scored (``DetectorConfig.prefetch``), so the accelerator is not left waiting for PNG
-decoding; results are identical either way.
+decoding; results are identical either way. The same three stages are public
+(:meth:`BaseDetector.prepare`, :meth:`~BaseDetector.score_prepared`,
+:meth:`~BaseDetector.finish_prepared`) for callers that merge the backbone work of several
+requests, each prepared in its own thread (the server's micro-batcher).
 
 The detectors themselves differ only in how they score pixels:
 :class:`~guardalign_core.ot_detector.OTDetector` (GuardAlign, Eqs. 7–11) and
@@ -249,6 +252,60 @@ class BaseDetector:
                 bar.update(len(results) - bar.n)
                 bar.close()
         return results
+
+    # -- a scan in three steps (micro-batching across callers) ---------------------------------
+    def prepare(
+        self, images: Sequence[ImageSource], *, sources: Sequence[str] | None = None, budget: RequestBudget | None = None
+    ) -> PreparedImages:
+        """Step 1 of :meth:`scan` for one group of images: decode (the budget charged first) and build the model input.
+
+        ``prepare`` → :meth:`score_prepared` → :meth:`finish_prepared` is :meth:`scan` cut
+        where the backbone runs, so that a server can do the CPU work of each request in that
+        request's own thread (PNG decoding releases the GIL: many decode at once) and still
+        run the backbone once for many requests. An image that cannot be decoded is kept as
+        an error entry of the group (its result is ``status=error``, as in a scan).
+
+        Raises:
+            RequestBudgetError: the group's images take ``budget`` over its limit (nothing
+                beyond the image that would cross it is decoded).
+        """
+        images = list(images)
+        labels = list(sources) if sources is not None else [_label(img, i) for i, img in enumerate(images)]
+        if len(labels) != len(images):
+            raise ValueError(f"sources: got {len(labels)} labels for {len(images)} images")
+        return self._prepare(0, images, labels, False, [budget] * len(images))
+
+    def score_prepared(self, groups: Sequence[PreparedImages]) -> list[tuple[list[Finding], dict[str, float]]]:
+        """Step 2: score the decoded images of several prepared groups in one backbone call.
+
+        Returns, per group and in order, its findings (one per decoded image) and its share
+        of the stage timings (in proportion to its images), for :meth:`finish_prepared`.
+
+        Raises:
+            RuntimeError: the backbone returned a finding count that does not match its inputs.
+        """
+        live = [group for group in groups if group.images]
+        if not live:
+            return [([], {}) for _ in groups]
+        pixels = live[0].pixels if len(live) == 1 else torch.cat([group.pixels for group in live])
+        merged = PreparedImages(0, [], [image for group in live for image in group.images], [], {}, {}, pixels)
+        findings, timings = self._score(merged)
+        if len(findings) != len(merged.images):
+            raise RuntimeError(f"the detector returned {len(findings)} findings for {len(merged.images)} images")
+        scored, start = [], 0
+        for group in groups:
+            count = len(group.images)
+            share = count / len(merged.images)
+            scored.append((findings[start : start + count], {name: ms * share for name, ms in timings.items()}))
+            start += count
+        return scored
+
+    def finish_prepared(
+        self, group: PreparedImages, scored: tuple[list[Finding], dict[str, float]], policy: PolicyConfig | None = None
+    ) -> list[ScanResult]:
+        """Step 3: one result per input of ``group``, in order, with ``policy`` applied (masking happens here)."""
+        findings, timings = scored
+        return self._finish(group, findings, timings, policy or self.policy)
 
     def scan_one(self, image: ImageSource, **kwargs: Any) -> ScanResult:
         """Scan a single image (see :meth:`scan`)."""

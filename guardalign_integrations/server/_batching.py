@@ -1,22 +1,28 @@
-"""Micro-batching: the detector work of concurrent ``ImageGuard.screen`` calls shares one batch.
+"""Micro-batching: the backbone work of concurrent ``ImageGuard.screen`` calls shares one batch.
 
 What: :meth:`ScanBatcher.screen` is ``guard.screen`` for one request, run through the core
 screening step unchanged (reader, budget, memory, policy, what to forward: all the core's).
 Only the one detector call that step makes for the images it has not seen before is routed
-through this batcher: calls that arrive within ``window_ms`` of each other (up to
-``max_images``) are concatenated and scanned in one detector call by one worker thread, and
-each caller gets its own slice back. On a GPU this turns 32 one-image forward passes into one.
+through this batcher, and only its backbone stage is shared. Each request prepares its own
+images in its own thread (:meth:`~guardalign_core.detector.BaseDetector.prepare`: decode
+with the request's budget, model input on the device; PNG decoding releases the GIL, so
+many requests decode at once); the prepared groups that arrive within ``window_ms`` of each
+other (up to ``max_images``) are scored in one backbone call by one worker thread
+(:meth:`~guardalign_core.detector.BaseDetector.score_prepared`); each request then finishes
+its own results with its own policy (:meth:`~guardalign_core.detector.BaseDetector.finish_prepared`).
+On a GPU this turns 32 one-image forward passes into one, without serialising 32 PNG decodes
+behind it.
 
 How: each request is screened by a throw-away :class:`ImageGuard` view of the server's guard
 (same config, same memory) whose detector is a :class:`_BatchedDetector`: the real detector
-with ``scan`` sent to the worker. The view's type name is the real detector's, so the
+with ``scan`` sent through the batcher. The view's type name is the real detector's, so the
 memory fingerprint (:func:`guardalign_core.memory.config_fingerprint`) is the same and
 verdicts are shared with direct ``guard.screen`` calls.
 
-Why a thread and not the event loop: the scan is blocking torch work, and the callers are
+Why a thread and not the event loop: the backbone is blocking torch work, and the callers are
 worker threads already (screening runs off the loop). A merged batch that raises is retried
 one request at a time, so one hostile request cannot fail its neighbours (the core then
-splits that request's own batch until the culprit is alone).
+splits that request's own images until the culprit is alone).
 """
 
 from __future__ import annotations
@@ -29,19 +35,22 @@ from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 from guardalign_core.config import PrefixConfig
+from guardalign_core.detector import PreparedImages
 from guardalign_core.guard import ContentImage, ImageGuard, RequestVerdict
 from guardalign_core.results import ScanResult
 
 logger = logging.getLogger(__name__)
 
+Scored = tuple[list[Any], dict[str, float]]
+"""What the backbone stage gives one prepared group: its findings and its share of the timings."""
+
 
 class _Item:
-    __slots__ = ("detector", "images", "labels", "policy", "budget", "future")
+    __slots__ = ("detector", "group", "future")
 
-    def __init__(self, detector: Any, images: list[Any], labels: list[str], policy: Any, budget: Any = None) -> None:
-        self.detector, self.images, self.labels, self.policy = detector, images, labels, policy
-        self.budget = budget  # the request's RequestBudget: its pixels are charged before decoding
-        self.future: Future[list[ScanResult]] = Future()
+    def __init__(self, detector: Any, group: PreparedImages) -> None:
+        self.detector, self.group = detector, group
+        self.future: Future[Scored] = Future()
 
 
 class _BatchedDetector:
@@ -110,15 +119,22 @@ class ScanBatcher:
         return view.screen(images, prefix=prefix)
 
     def submit(self, detector: Any, images: list[Any], labels: list[str], policy: Any, budget: Any = None) -> list[ScanResult]:
-        """One request's detector call (blocking): merged with others when batching is on."""
+        """One request's detector call (blocking): prepared here, scored with its neighbours, finished here."""
         if not images:
             return []
-        if not self.enabled or self._closed:
+        if not self.enabled or self._closed or len(images) > self.max_images or not hasattr(detector, "score_prepared"):
             return self._direct(detector, images, labels, policy, budget)
-        self._start()
-        item = _Item(detector, images, labels, policy, budget)
-        self._queue.put(item)
-        return item.future.result()
+        group = detector.prepare(images, sources=labels, budget=budget)  # this thread: decodes run in parallel across requests
+        if not group.images:  # nothing decoded: nothing for the backbone
+            return detector.finish_prepared(group, ([], {}), policy)
+        item = _Item(detector, group)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._start()
+                self._queue.put(item)
+        scored = self._score([item])[0] if closed else item.future.result()
+        return detector.finish_prepared(group, scored, policy)
 
     def _direct(self, detector: Any, images: list[Any], labels: list[str], policy: Any, budget: Any = None) -> list[ScanResult]:
         if self.on_batch is not None:
@@ -126,18 +142,19 @@ class ScanBatcher:
         return detector.scan(images, sources=labels, policy=policy, budget=budget)
 
     def _start(self) -> None:
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="guardalign-scan-batcher", daemon=True)
-                    self._thread.start()
+        if self._thread is None:  # under self._lock
+            self._thread = threading.Thread(target=self._run, name="guardalign-scan-batcher", daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
         """Stop the worker after the batches already queued (later calls scan directly)."""
-        self._closed = True
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=30)
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None:
+            thread.join(timeout=30)
 
     def _run(self) -> None:
         pending: _Item | None = None
@@ -146,7 +163,7 @@ class ScanBatcher:
             pending = None
             if first is None:
                 return
-            batch, count = [first], len(first.images)
+            batch, count = [first], len(first.group.images)
             deadline = time.monotonic() + self.window_s
             while count < self.max_images:
                 timeout = deadline - time.monotonic()
@@ -157,36 +174,31 @@ class ScanBatcher:
                 if item is None:
                     self._queue.put(None)  # finish this batch, then stop
                     break
-                if count + len(item.images) > self.max_images or item.detector is not first.detector or item.policy != first.policy:
-                    pending = item  # a batch is one detector call: one detector, one policy
+                if count + len(item.group.images) > self.max_images or item.detector is not first.detector:
+                    pending = item  # a batch is one backbone call of one detector
                     break
                 batch.append(item)
-                count += len(item.images)
-            self._scan_batch(batch)
+                count += len(item.group.images)
+            self._resolve(batch)
 
-    def _scan_batch(self, batch: list[_Item]) -> None:
+    def _score(self, batch: list[_Item]) -> list[Scored]:
+        if self.on_batch is not None:
+            self.on_batch(sum(len(item.group.images) for item in batch))
+        return batch[0].detector.score_prepared([item.group for item in batch])
+
+    def _resolve(self, batch: list[_Item]) -> None:
+        """Score ``batch`` in one call and hand each request its share; on failure, each request alone."""
         if len(batch) > 1:
-            first = batch[0]
-            spent = [(item.budget, item.budget.total_pixels) for item in batch if item.budget is not None]
             try:
-                merged = self._direct(first.detector, [i for item in batch for i in item.images],
-                                      [label for item in batch for label in item.labels], first.policy,
-                                      [item.budget for item in batch for _ in item.images])  # each image, its request's budget
-                if len(merged) != sum(len(item.images) for item in batch):
-                    raise RuntimeError("the detector returned a result count that does not match its inputs")
+                scored = self._score(batch)
             except Exception:  # noqa: BLE001 (isolate the failing request: retried one by one below)
-                logger.warning("a merged scan batch failed; scanning its %d requests one by one", len(batch))
-                for budget, pixels in spent:
-                    budget.total_pixels = pixels  # the retries below charge their pixels again
+                logger.warning("a merged scan batch failed; scoring its %d requests one by one", len(batch))
             else:
-                start = 0
-                for item in batch:
-                    end = start + len(item.images)
-                    item.future.set_result([r.model_copy(update={"index": k}) for k, r in enumerate(merged[start:end])])
-                    start = end
+                for item, share in zip(batch, scored):
+                    item.future.set_result(share)
                 return
         for item in batch:
             try:
-                item.future.set_result(self._direct(item.detector, item.images, item.labels, item.policy, item.budget))
+                item.future.set_result(self._score([item])[0])
             except BaseException as err:  # noqa: BLE001 (re-raised in the caller's thread)
                 item.future.set_exception(err)

@@ -17,17 +17,28 @@ from server_helpers import ALL_UNSAFE, jpeg_bytes, make_guard, png_bytes  # noqa
 
 
 def counting(guard: ImageGuard, fail_on: str | None = None) -> list[list[str]]:
-    """Record the labels of every call of the guard's real detector (optionally raising for one label)."""
+    """Record the labels of every backbone call of the guard's real detector (optionally raising for one label).
+
+    A backbone call is a direct ``scan`` (batching off, or a request too large to merge) or
+    one ``score_prepared`` of the groups the batcher merged.
+    """
     detector, calls = guard.detector, []
-    real = detector.scan
+    real_scan, real_score = detector.scan, detector.score_prepared
+
+    def record(labels):
+        calls.append(list(labels))
+        if fail_on is not None and fail_on in labels:
+            raise RuntimeError("boom")
 
     def scan(images, *, sources=None, policy=None, **kwargs):
-        calls.append(list(sources))
-        if fail_on is not None and fail_on in sources:
-            raise RuntimeError("boom")
-        return real(images, sources=sources, policy=policy, **kwargs)
+        record(sources)
+        return real_scan(images, sources=sources, policy=policy, **kwargs)
 
-    detector.scan = scan
+    def score_prepared(groups):
+        record([label for group in groups for label in group.labels])
+        return real_score(groups)
+
+    detector.scan, detector.score_prepared = scan, score_prepared
     return calls
 
 
@@ -137,3 +148,40 @@ async def test_admission_gate_queues_then_refuses():
     second.release()
     (await third).release()
     assert gate.active == 0
+
+
+def test_each_request_decodes_in_its_own_thread_and_the_backbone_runs_once(make_guard, png_bytes, jpeg_bytes, monkeypatch):
+    # Decoding a PNG is CPU work that releases the GIL: serialised on the batch worker it would
+    # cap a batched GPU server at one decode at a time. Only the backbone call is shared.
+    import guardalign_core.detector as detector_module
+
+    guard = fresh(make_guard(ALL_UNSAFE))
+    calls = counting(guard)
+    decoded_in, real = [], detector_module.decode_image
+
+    def decode(data, *args, **kwargs):
+        decoded_in.append(threading.current_thread().name)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(detector_module, "decode_image", decode)
+    batcher = ScanBatcher(guard, enabled=True, window_ms=500, max_images=64)
+    requests = [([(png_bytes if i % 2 else jpeg_bytes) + bytes([i])], [f"req{i}"]) for i in range(6)]
+    results = run_concurrently(batcher, requests)
+    batcher.close()
+    assert all(not isinstance(r, Exception) and r.decision.value == "mask" for r in results), results
+    assert len(decoded_in) == 6 and len(set(decoded_in)) == 6  # one decode in each request's own thread
+    assert "guardalign-scan-batcher" not in decoded_in
+    assert len(calls) < 6  # while their backbone work was merged
+
+
+def test_requests_after_close_are_still_screened(make_guard, png_bytes):
+    # a request racing the shutdown must get its verdict, not wait forever on a stopped worker
+    guard = fresh(make_guard(ALL_UNSAFE))
+    batcher = ScanBatcher(guard, enabled=True, window_ms=1)
+    assert batcher.screen([ContentImage("x", source=png_bytes)]).decision.value == "mask"
+    batcher.close()
+    done = []
+    worker = threading.Thread(target=lambda: done.append(batcher.screen([ContentImage("y", source=png_bytes + b"\0")])))
+    worker.start()
+    worker.join(timeout=60)
+    assert done and done[0].decision.value == "mask"

@@ -50,6 +50,7 @@ __all__ = [
     "encode_png",
     "load_image",
     "prepare_forwarding",
+    "read_content",
     "read_content_bytes",
     "read_image_bytes",
     "sniff_image_mime",
@@ -102,6 +103,15 @@ def decode_data_url(url: str, *, source: str | None = None, limits: ImageLimits 
         UnsupportedImageFormatError: a MIME type other than ``image/*``.
         ImageTooLargeError: the payload decodes to more than ``limits.max_bytes``.
     """
+    return _decode_data_url(url, source=source, limits=limits)[0]
+
+
+def _decode_data_url(url: str, *, source: str | None, limits: ImageLimits | None) -> tuple[bytes, bool]:
+    """:func:`decode_data_url`, and whether the URL spells its bytes canonically (see :func:`_b64decode_spelled`).
+
+    Canonical: ``data:<type>;base64,`` with no parameters and a strictly valid standard
+    base64 payload. Percent-encoded payloads and parameters never are (decoders disagree).
+    """
     limits = limits or ImageLimits()
     comma = url.find(",", 0, 512)
     header = url[:comma].strip() if comma >= 0 else ""
@@ -113,18 +123,31 @@ def decode_data_url(url: str, *, source: str | None = None, limits: ImageLimits 
     payload_length = len(url) - comma - 1
     if match.group("b64"):
         _check_base64_length(url, limits, source, start=comma + 1)  # before the payload is sliced out
-        return _b64decode(url[comma + 1 :], source=source, limits=limits)
+        data, canonical = _b64decode_spelled(url[comma + 1 :], source=source, limits=limits)
+        return data, canonical and not match.group("params") and header == url[:comma]
     if payload_length > 3 * limits.max_bytes:  # percent-encoding: at most 3 characters per byte
         _check_encoded_size(payload_length // 3, limits, source)
     data = urllib.parse.unquote_to_bytes(url[comma + 1 :])
     _check_encoded_size(len(data), limits, source)
-    return data
+    return data, False
 
 
 def _b64decode(text: str, *, source: str | None, limits: ImageLimits | None = None) -> bytes:
+    return _b64decode_spelled(text, source=source, limits=limits)[0]
+
+
+def _b64decode_spelled(text: str, *, source: str | None, limits: ImageLimits | None = None) -> tuple[bytes, bool]:
+    """The bytes of base64 ``text``, and whether it is *canonical*: strictly valid standard base64.
+
+    The guard also reads the spellings people send (the URL-safe alphabet, line breaks,
+    missing padding), but only a canonical payload may be forwarded as it came: decoders
+    differ on everything else (one that skips characters outside its alphabet reads a
+    different image from a URL-safe payload than the guard did), so a non-canonical payload
+    is forwarded as the standard base64 of the bytes that were checked.
+    """
     _check_base64_length(text, limits or ImageLimits(), source)
     try:  # the common case, strictly valid standard base64, without a regex pass over the payload
-        return base64.b64decode(text, validate=True)
+        return binascii.a2b_base64(text, strict_mode=True), True
     except (binascii.Error, ValueError):
         pass
     compact = re.sub(r"\s+", "", text)
@@ -132,8 +155,8 @@ def _b64decode(text: str, *, source: str | None, limits: ImageLimits | None = No
         raise InvalidImageSourceError("not valid base64", source=source)
     try:
         if "-" in compact or "_" in compact:
-            return base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4))
-        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+            return base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4)), False
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True), False
     except (binascii.Error, ValueError):
         raise InvalidImageSourceError("not valid base64", source=source) from None
 
@@ -210,40 +233,53 @@ def read_content_bytes(source_obj: ImageSource, limits: ImageLimits | None = Non
         Traceback (most recent call last):
         LocalFileRefusedError: local file paths in message content are not read; ...
     """
+    return read_content(source_obj, limits, source=source)[0]
+
+
+def read_content(source_obj: ImageSource, limits: ImageLimits | None = None, *, source: str | None = None) -> tuple[bytes, bool]:
+    """:func:`read_content_bytes`, and whether the source spells those bytes *canonically*.
+
+    Canonical: raw bytes, or base64 (bare or in a ``data:<type>;base64,`` URL without
+    parameters) that is strictly valid standard base64 with nothing around it. Only a
+    canonical inline source may be forwarded as it came (every decoder reads the bytes the
+    guard checked from it); fetched URLs and files never are.
+    """
     limits = limits or ImageLimits()
     if isinstance(source_obj, (bytes, bytearray, memoryview)):
-        return _inline_bytes(source_obj, limits, source)
+        return _inline_bytes(source_obj, limits, source), True
     if isinstance(source_obj, Image.Image):
         raise InvalidImageSourceError("expected encoded image bytes, a data URL or base64, got a decoded PIL image", source=source)
     if isinstance(source_obj, os.PathLike):
         if not limits.allow_local_files:
             raise LocalFileRefusedError(_LOCAL_REFUSAL, source=source)
-        return _read_content_file(os.fspath(source_obj), limits, source)
+        return _read_content_file(os.fspath(source_obj), limits, source), False
     if not isinstance(source_obj, str):
         raise InvalidImageSourceError(f"expected bytes, a data URL, a URL or base64, got {type(source_obj).__name__}", source=source)
     text = source_obj.strip()
     if not text:
         raise EmptyImageError("the image string is empty", source=source)
+    bare = len(text) == len(source_obj)  # surrounding whitespace: not canonical
     if text.startswith("data:"):
-        return decode_data_url(text, source=source, limits=limits)
+        data, canonical = _decode_data_url(text, source=source, limits=limits)
+        return data, canonical and bare
     scheme = urllib.parse.urlparse(text[:2048]).scheme.lower()
     if scheme in ("http", "https"):
-        return fetch_url(text, limits, source)
+        return fetch_url(text, limits, source), False
     if scheme == "file":
         if not limits.allow_local_files:
             raise LocalFileRefusedError(_LOCAL_REFUSAL, source=source)
-        return _read_content_file(urllib.parse.unquote(urllib.parse.urlparse(text).path), limits, source)
+        return _read_content_file(urllib.parse.unquote(urllib.parse.urlparse(text).path), limits, source), False
     # Anything else is base64 or (when allowed) a path. A string is never looked up on disk
     # to decide which it is: that lookup would tell the sender whether the path exists.
     try:
-        data = _b64decode(text, source=source, limits=limits)
+        data, canonical = _b64decode_spelled(text, source=source, limits=limits)
     except InvalidImageSourceError:
         if limits.allow_local_files and len(text) < 4096:
-            return _read_content_file(text, limits, source)
+            return _read_content_file(text, limits, source), False
         raise InvalidImageSourceError("not a data URL, an http(s) URL or valid base64 (" + _LOCAL_REFUSAL + ")", source=source) from None
     if limits.allow_local_files and not _looks_like_image(data) and len(text) < 4096 and ("/" in text or "\\" in text):
-        return _read_content_file(text, limits, source)  # "/tmp/x.png" is also valid base64
-    return data
+        return _read_content_file(text, limits, source), False  # "/tmp/x.png" is also valid base64
+    return data, canonical and bare
 
 
 def _looks_like_image(data: bytes) -> bool:

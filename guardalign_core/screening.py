@@ -22,7 +22,7 @@ from .budget import RequestBudget
 from .config import GuardConfig, PolicyConfig
 from .errors import ImageError, RequestBudgetError
 from .forwarding import EncodedImage, encode_for_forwarding
-from .images import ImageLimits, ImageSource, read_content_bytes, read_image_bytes
+from .images import ImageLimits, ImageSource, read_content, read_image_bytes
 from .memory import CheckedImageMemory, config_fingerprint
 from .policy import apply_policy
 from .results import Decision, ScanResult, Status
@@ -100,13 +100,23 @@ def _forward_original(data: bytes, result: ScanResult, limits: ImageLimits) -> b
     return bool(result.forward_as_sent) and len(data) <= limits.max_output_bytes
 
 
-def _read(image: ContentImage, limits: ImageLimits) -> bytes | Image.Image:
+def _read(image: ContentImage, limits: ImageLimits) -> tuple[bytes | Image.Image, bool]:
+    """The image's bytes (or a trusted PIL image), and whether its source spells them canonically.
+
+    Canonical (raw bytes, or strictly valid standard base64 inline): the carrier may be
+    forwarded as it came when the bytes are forwarded unchanged (:attr:`ImageVerdict.verbatim`).
+    """
     source = image.source
     if image.trusted:
         if isinstance(source, Image.Image):
-            return source
-        return read_image_bytes(source, limits, source=image.label)  # type: ignore[arg-type]
-    return read_content_bytes(source, limits, source=image.label)  # type: ignore[arg-type]
+            return source, False
+        return read_image_bytes(source, limits, source=image.label), isinstance(source, (bytes, bytearray, memoryview))  # type: ignore[arg-type]
+    return read_content(source, limits, source=image.label)  # type: ignore[arg-type]
+
+
+def _verbatim(canonical: bool, declared: str | None, mime: str) -> bool:
+    """Whether a carrier that spells the checked bytes ``canonical``-ly, declaring ``declared``, may go as it came."""
+    return canonical and declared is not None and declared.lower() == mime
 
 
 def _error_result(index: int, label: str, detector: Any, policy: PolicyConfig, what: str, error: str, *, hard: bool = False) -> ScanResult:
@@ -155,7 +165,10 @@ def _scan(
                 + _scan(detector, inputs[half:], labels[half:], policy, budget, offset + half))
 
 
-def _verdict(index: int, label: str, result: ScanResult, checked: bytes | Image.Image | None, declared: str | None, limits: ImageLimits) -> ImageVerdict:
+def _verdict(
+    index: int, label: str, result: ScanResult, checked: bytes | Image.Image | None, declared: str | None, limits: ImageLimits,
+    canonical: bool = False,
+) -> ImageVerdict:
     """What to forward for one freshly scanned (policy-applied) image."""
     raw = checked if isinstance(checked, bytes) else None
     if result.decision == Decision.BLOCK:
@@ -165,7 +178,8 @@ def _verdict(index: int, label: str, result: ScanResult, checked: bytes | Image.
     pixels = result.masked_image
     if result.decision != Decision.MASK and raw is not None and _forward_original(raw, result, limits):
         mime = sniff_mime(raw) or declared or "application/octet-stream"
-        return ImageVerdict(index, label, result, Forward.BYTES, data=raw, mime=mime, checked=raw, pixels=pixels, limits=limits)
+        return ImageVerdict(index, label, result, Forward.BYTES, data=raw, mime=mime, checked=raw, pixels=pixels, limits=limits,
+                            verbatim=_verbatim(canonical, declared, mime))
     encoded = _encode_forwarded(pixels, result.input_format, limits)
     if encoded.downscaled:
         result = result.model_copy(update={"reason": f"{result.reason}; downscaled to {encoded.size[0]}x{encoded.size[1]} to fit ImageLimits.max_output_bytes"})
@@ -214,6 +228,7 @@ def screen_images(
     refused: str | None = None
     verdicts: list[ImageVerdict | None] = [None] * len(images)
     contents: list[bytes | Image.Image | None] = [None] * len(images)
+    canonical = [False] * len(images)
     for i, image in enumerate(images):
         if image.refusal is not None:
             result = _error_result(i, labels[i], detector, policy, "UnsupportedBlock", image.refusal, hard=True)
@@ -221,7 +236,7 @@ def screen_images(
             refused = refused or f"{labels[i]}: {image.refusal}"
             continue
         try:
-            contents[i] = _read(image, limits)
+            contents[i], canonical[i] = _read(image, limits)
         except ImageError as err:
             result = _error_result(i, labels[i], detector, policy, type(err).__name__, str(err))
             verdicts[i] = _verdict(i, labels[i], result, None, image.mime, limits)
@@ -238,14 +253,19 @@ def screen_images(
         entry = memory.recall(fingerprint, content)
         if entry is not None:
             result = entry.result.model_copy(update={"index": i, "source": labels[i]})
-            if entry.png is not None:
-                verdicts[i] = ImageVerdict(i, labels[i], result, Forward.BYTES, data=entry.png, mime="image/png", checked=content,
+            sanitised_mime = sniff_mime(entry.png) if entry.png is not None else None
+            if entry.png is not None and sanitised_mime is not None:
+                # the sanitised re-encode keeps the input's format (JPEG stays JPEG): its type is read from its bytes
+                verdicts[i] = ImageVerdict(i, labels[i], result, Forward.BYTES, data=entry.png, mime=sanitised_mime, checked=content,
                                            sanitised=True, reused=True, limits=limits)
+            elif entry.png is not None:
+                continue  # a remembered re-encode of no known type: scanned again rather than mislabelled
             elif result.decision == Decision.BLOCK:
                 verdicts[i] = ImageVerdict(i, labels[i], result, Forward.NOTHING, checked=content, reused=True, limits=limits)
             else:
                 mime = sniff_mime(content) or images[i].mime or "application/octet-stream"
-                verdicts[i] = ImageVerdict(i, labels[i], result, Forward.BYTES, data=content, mime=mime, checked=content, reused=True, limits=limits)
+                verdicts[i] = ImageVerdict(i, labels[i], result, Forward.BYTES, data=content, mime=mime, checked=content, reused=True,
+                                           limits=limits, verbatim=_verbatim(canonical[i], images[i].mime, mime))
     misses = [i for i, v in enumerate(verdicts) if v is None]
     if misses:
         scan_policy = PolicyConfig(action="flag", fail_open=policy.fail_open)  # the detector scores; the policy is applied below
@@ -259,7 +279,7 @@ def screen_images(
         for i, result in zip(misses, fresh):
             fill = detector.encoder.mean_color if mode == "mean" and result.unsafe else (0, 0, 0)
             result = apply_policy(result.model_copy(update={"index": i}), policy, mask_mode=mode, fill=fill)
-            verdict = verdicts[i] = _verdict(i, labels[i], result, contents[i], images[i].mime, limits)
+            verdict = verdicts[i] = _verdict(i, labels[i], result, contents[i], images[i].mime, limits, canonical[i])
             if reuse and result.status == Status.OK and isinstance(contents[i], bytes):
                 memory.remember(fingerprint, contents[i], result, verdict.data if verdict.sanitised else None)  # type: ignore[arg-type]
     return [v for v in verdicts if v is not None], refused

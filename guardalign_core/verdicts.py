@@ -58,6 +58,12 @@ class ImageVerdict:
         sanitised: :attr:`data` is the guard's re-encode of the checked pixels (masked, or an
             image whose original bytes cannot be forwarded as sent).
         reused: the verdict came from the guard's memory (this image was checked before).
+        verbatim: the carrier may be forwarded exactly as it came: :attr:`data` are the
+            checked bytes unchanged, the carrier declared their real MIME type, and it spells
+            them canonically (raw bytes, or strictly valid standard base64 inline), so every
+            decoder reads what was checked. Otherwise an adapter writes :attr:`data` back in
+            its carrier's shape (a URL-safe or line-wrapped payload, a remote URL, a wrong
+            declared type are all replaced by the checked bytes).
 
     Example:
         >>> verdict = guard.screen([ContentImage("upload", source=png_bytes)])  # doctest: +SKIP
@@ -66,7 +72,8 @@ class ImageVerdict:
         (<Forward.BYTES: 'bytes'>, 'image/png', True)
     """
 
-    __slots__ = ("index", "label", "result", "forward", "data", "mime", "checked", "sanitised", "reused", "_limits", "_pixels", "_lock")
+    __slots__ = ("index", "label", "result", "forward", "data", "mime", "checked", "sanitised", "reused", "verbatim", "_limits", "_pixels",
+                 "_lock")
 
     def __init__(
         self,
@@ -82,12 +89,15 @@ class ImageVerdict:
         reused: bool = False,
         pixels: Image.Image | None = None,
         limits: Any = None,
+        verbatim: bool = False,
     ) -> None:
         if forward == Forward.BYTES and (data is None or not mime):
             raise ValueError("forward=BYTES needs the bytes and their MIME type")
+        if verbatim and (forward != Forward.BYTES or sanitised or data != checked):
+            raise ValueError("verbatim: only unchanged checked bytes may go as they came")
         self.index, self.label, self.result, self.forward = index, label, result, forward
         self.data, self.mime, self.checked = data, mime, checked
-        self.sanitised, self.reused = sanitised, reused
+        self.sanitised, self.reused, self.verbatim = sanitised, reused, verbatim
         self._limits = limits
         self._pixels = pixels
         self._lock = threading.Lock()

@@ -121,7 +121,7 @@ def write_back(messages: Sequence[BaseMessage], found: Sequence[FoundImage], ver
             item = _get(content, image.path[1:])
             if entry.forward == Forward.NOTHING:
                 new: Any = _DROP
-            elif image.inline_only and not entry.sanitised and entry.data == entry.checked and _declared(image) == entry.mime:
+            elif image.inline_only and entry.verbatim:  # the core's call: unchanged bytes, declared type right, canonical spelling
                 continue
             else:
                 new = _rewrite(item, image.shape, entry.data, entry.mime)
@@ -130,9 +130,3 @@ def write_back(messages: Sequence[BaseMessage], found: Sequence[FoundImage], ver
         if changed:
             out[m] = messages[m].model_copy(update={"content": _without_dropped(content)})
     return out
-
-
-def _declared(image: FoundImage) -> str | None:
-    return image.image.mime.lower() if image.image.mime else None
-
-

@@ -208,7 +208,7 @@ def _forwarded_block(found: FoundBlock, entry: ImageVerdict) -> Any:
     if entry.forward == Forward.NOTHING:
         return None
     old = found.block
-    if found.inline_only and not entry.sanitised and entry.data == entry.checked and (old.image_mimetype or "").lower() == entry.mime:
+    if found.inline_only and entry.verbatim:  # the core's call: unchanged bytes, declared type right
         return old
     return ImageBlock(image=entry.data, image_mimetype=entry.mime, detail=getattr(old, "detail", None))
 

@@ -298,16 +298,18 @@ def apply_safety_prompt(messages: list[dict[str, Any]], safety: SafetyPrompt) ->
 def forwarded_url(url: str, verdict: ImageVerdict) -> str | None:
     """The URL to forward for an image sent as ``url``, as its verdict says (``None``: nothing).
 
-    ``Forward.BYTES``: ``url`` itself only when it inlines exactly the bytes to forward,
-    under the MIME type read from them; otherwise a data URL of those bytes (the model gets
-    exactly what was checked, never what a remote URL serves later). ``AS_SENT``
+    ``Forward.BYTES``: ``url`` itself only when the core says it may go as it came
+    (:attr:`~guardalign_core.verdicts.ImageVerdict.verbatim`: it inlines exactly the bytes to
+    forward, under the MIME type read from them, in canonical base64); otherwise a data URL
+    of those bytes (the model gets exactly what was checked: never what a remote URL serves
+    later, nor what a lenient decoder reads from a URL-safe payload). ``AS_SENT``
     (``fail_open`` only): ``url``.
     """
     if verdict.forward == Forward.NOTHING:
         return None
     if verdict.forward == Forward.AS_SENT:
         return url
-    if not verdict.sanitised and verdict.data == verdict.checked and declared_mime(url) == verdict.mime:
+    if verdict.verbatim:  # the core's call: unchanged bytes, declared type right, canonical base64
         return url
     return data_url(verdict.data, verdict.mime)  # type: ignore[arg-type]
 

@@ -202,3 +202,35 @@ def test_callers_own_paths_name_neither_the_path_nor_the_size(tmp_path):
         with pytest.raises(ImageError) as info:
             load_image(probe, ImageLimits(max_bytes=2000))
         assert str(tmp_path) not in str(info.value) and str(len(PNG) + 10_000) not in str(info.value)
+
+
+def _canonical_cases():
+    import base64 as b64
+
+    data = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) + b"\xfb\xff"  # 266 bytes: padded, with '+' and '/' in its base64
+    std = b64.b64encode(data).decode()
+    assert "=" in std and ("+" in std or "/" in std)
+    url_safe = b64.urlsafe_b64encode(data).decode()
+    return data, [
+        (data, True),
+        (std, True),
+        ("data:image/png;base64," + std, True),
+        (url_safe, False),
+        ("data:image/png;base64," + url_safe, False),
+        (std.rstrip("="), False),
+        ("\n".join(std[i:i + 76] for i in range(0, len(std), 76)), False),
+        (" " + std, False),
+        ("data:image/png;base64," + std + "\n", False),
+        ("data:image/png;name=x.png;base64," + std, False),
+        ("data:image/png," + "".join(f"%{b:02x}" for b in data), False),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_read_content_says_whether_a_source_spells_its_bytes_canonically(case):
+    # Only a canonical spelling may be forwarded as it came: decoders disagree on the rest.
+    from guardalign_core.images import read_content
+
+    data, cases = _canonical_cases()
+    source, canonical = cases[case]
+    assert read_content(source) == (data, canonical)

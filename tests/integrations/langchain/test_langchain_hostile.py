@@ -306,3 +306,23 @@ def test_the_cache_key_covers_the_concept_bank_and_its_contents(make_config: Cal
     first = key(with_bank)
     bank.write_text(yaml.safe_dump({"version": 1, "categories": dict(list(shipped["categories"].items())[:1])}))
     assert len({key(base), first, key(with_bank)}) == 3
+
+
+@pytest.mark.parametrize("shape", ["base64", "data_url"])
+def test_a_url_safe_polyglot_reaches_the_model_as_the_image_that_was_checked(make_config: Callable[..., Any], shape: str) -> None:
+    # The guard reads '_' as URL-safe base64 (image A); a provider that decodes leniently skips
+    # it and reads image B. Only a canonical payload may go as it came.
+    from base64_polyglot import pixel, polyglot
+    from lc_support import ALL_SAFE
+
+    payload, guard_reads, lenient_reads = polyglot()
+    assert pixel(guard_reads) != pixel(lenient_reads)
+    block = ({"type": "image", "base64": payload, "mime_type": "image/jpeg"} if shape == "base64"
+             else {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + payload}})
+    guard = GuardAlignGuard(config=make_config(ALL_SAFE))
+    received, verdict = _forwarded(guard, HumanMessage(content=[{"type": "text", "text": "colour?"}, block]))
+    assert verdict.images[0].decision.value == "allow"
+    out = received.content[1]
+    sent = out["base64"] if shape == "base64" else out["image_url"]["url"].split(",", 1)[1]
+    assert sent != payload
+    assert base64.b64decode(sent) == base64.b64decode(sent, validate=True) == guard_reads  # every decoder reads what was checked

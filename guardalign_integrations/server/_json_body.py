@@ -57,7 +57,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def count_json_values(raw: bytes, limit: int) -> int:
-    """The number of JSON values in ``raw``, or a number above ``limit`` once it is certain to exceed it.
+    """A count of the JSON values in ``raw`` that is over ``limit`` exactly when the body holds more values than that.
+
+    At or under ``limit`` the number is an upper bound, not the exact count; an exact count is
+    made only where the quick bounds cannot decide.
 
     Counted on the bytes, before anything is built: every value but the root follows a
     ``,`` or opens a non-empty container, so values = 1 + commas + containers - empty

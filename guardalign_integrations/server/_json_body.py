@@ -84,7 +84,8 @@ def count_json_values(raw: bytes, limit: int) -> int:
 
 def _count_outside_strings(unescaped: bytes) -> int:
     """The exact count of :func:`count_json_values` on a body whose escaped quotes and backslashes are removed."""
-    outside = b"".join(unescaped.split(b'"')[0::2]).translate(None, _WHITESPACE)  # the text between strings
+    # the text between strings, each string replaced by a one-byte scalar (so that ["x"] is not an empty array)
+    outside = b"0".join(unescaped.split(b'"')[0::2]).translate(None, _WHITESPACE)
     containers = outside.count(b"{") + outside.count(b"[")
     return 1 + outside.count(b",") + containers - outside.count(b"{}") - outside.count(b"[]")
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 502: "api_error", 503: "api_error", 504: "api_error"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "invalid_request_error",
+          413: "invalid_request_error", 429: "rate_limit_error", 502: "api_error", 503: "api_error", 504: "api_error"}
 
 
 class ServerError(Exception):

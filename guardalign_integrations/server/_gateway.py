@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-import unicodedata
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -23,68 +22,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import _chat_format
 from ._errors import ServerError, error_response
+from ._json_body import INLINE_PARSE_BYTES, check_chat_fields, dump_json, folded_key, parse_body  # noqa: F401 (parse_body, folded_key: re-exported)
 from ._kept_prefix import prefixed_completion, prefixed_stream
 from ._openai_content import ContentError, ScreenedBody, decision_header, screen_chat_body
 
 DECISION_HEADER = "x-guardalign-decision"
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-class _FoldedKey(ValueError):
-    pass
-
-
-def folded_key(key: str) -> str:
-    """A key as a case-insensitive JSON decoder may match it: NFKC, then case folded (``\u017f`` long s -> s, Kelvin sign -> k)."""
-    return unicodedata.normalize("NFKC", key).casefold()
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise _DuplicateKey()
-    if len({folded_key(key) for key in out}) != len(out):
-        raise _FoldedKey()
-    return out
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body; an object with a repeated key is refused.
-
-    Why refuse duplicates: an unchanged body is forwarded as the bytes that came in, and JSON
-    parsers disagree on which copy of a repeated key wins. ``{"messages": [image], "messages":
-    [text]}`` would be screened as text here (Python keeps the last copy) and read with the
-    image by an upstream that keeps the first. Default deny: what two parsers may read
-    differently is not forwarded. The same holds for keys that differ only in letter case or
-    Unicode compatibility form (``messages`` / ``Messages`` / ``me\u017f\u017fages``): Go's
-    ``encoding/json`` (Ollama, many proxies) matches field names case-insensitively, the last
-    match winning, so such a pair is refused in every object.
-
-    Raises:
-        ServerError: 400 when it is not a JSON object, repeats a key in any object (also under
-            case folding), or nests too deeply to parse.
-    """
-    try:
-        body = json.loads(raw, object_pairs_hook=_unique_keys)
-    except _DuplicateKey:
-        raise ServerError(400, "the request body repeats a key in a JSON object; refused, not forwarded", "invalid_json") from None
-    except _FoldedKey:
-        raise ServerError(
-            400,
-            "the request body has two keys in one JSON object that differ only in letter case or Unicode form "
-            "(case-insensitive decoders read them as one); refused, not forwarded",
-            "invalid_json",
-        ) from None
-    except RecursionError:
-        raise ServerError(400, "the request body nests too deeply to be checked; refused, not forwarded", "invalid_json") from None
-    except ValueError:
-        raise ServerError(400, "the request body is not valid JSON", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise ServerError(400, "the request body must be a JSON object", "invalid_request")
-    return body
 
 
 def _may_hold_images(body: dict[str, Any]) -> bool:
@@ -100,8 +42,10 @@ async def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
 async def screen(state: Any, request: Request, body: dict[str, Any], *, safety_prompt: bool) -> ScreenedBody:
     """Screen a chat body off the event loop, recording metrics and the request's decision for the log."""
     t0 = time.perf_counter()
-    # images are read and scanned off the event loop; a text-only body is walked in place (microseconds)
-    work = run_in_threadpool if _may_hold_images(body) else _call
+    # images are read and scanned off the event loop; a small text-only body is walked in place (microseconds),
+    # a large one (its unknown fields are walked for data) off the loop too
+    large = request.scope["state"].get("body_bytes", 0) > INLINE_PARSE_BYTES
+    work = run_in_threadpool if large or _may_hold_images(body) else _call
     try:
         screened = await work(screen_chat_body, body, state.guard, screen=state.batcher.screen, safety_prompt=safety_prompt)
     except ContentError as err:
@@ -125,7 +69,8 @@ def blocked_response(state: Any, body: dict[str, Any], screened: ScreenedBody) -
         return error_response(400, "the request was blocked by GuardAlign: an image was judged unsafe", "guardalign_blocked", headers=headers)
     model = str(body.get("model") or "guardalign")
     if body.get("stream") is True:
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        options = body.get("stream_options")  # type-checked by check_chat_fields; read defensively all the same
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
         events = _chat_format.refusal_events(model, config.refusal_text, include_usage=include_usage)
         return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
     completion = _chat_format.completion(model, config.refusal_text, finish_reason="content_filter", guardalign=summary)
@@ -152,7 +97,7 @@ async def forward(state: Any, request: Request, raw: bytes, body: dict[str, Any]
     from .app import until_disconnect
 
     upstream = state.upstream
-    content = raw if not screened.changed else json.dumps(screened.body, ensure_ascii=False, separators=(",", ":")).encode()
+    content = raw if not screened.changed else dump_json(screened.body)
     headers = upstream.headers(request.headers)
 
     async def exchange() -> tuple[Any, bytes | None]:
@@ -192,7 +137,7 @@ async def forward(state: Any, request: Request, raw: bytes, body: dict[str, Any]
         answer = prefixed_completion(data, screened.kept_prefix) if keep else None
         if answer is not None:
             answer.setdefault("guardalign", summary)
-            data = json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
+            data = dump_json(answer)  # an upstream's lone surrogate goes back escaped, as it came
         else:
             data = with_guardalign_field(data, summary)
     return Response(data, status_code=response.status_code, headers=out_headers,
@@ -221,29 +166,34 @@ def register(app: FastAPI, state: Any) -> None:
     """Add the chat-completions and models endpoints (plain Starlette routes: no per-request dependency solving)."""
 
     async def chat_completions(request: Request) -> Response:
-        async with state.serving(request, "/v1/chat/completions") as slot:
-            raw = await request.body()
-            body = parse_body(raw)
+        async with state.serving(request, "/v1/chat/completions") as admitted:
+            body = admitted.body
+            check_chat_fields(body)
             if state.config.mode == "local":
                 from ._local import local_chat
 
-                return await local_chat(state, request, body, slot)  # hands the slot over to a stream that releases it
+                return await local_chat(state, request, body, admitted.slot)  # hands the slot over to a stream that releases it
             screened = await screen(state, request, body, safety_prompt=state.config.safety_prompt)
             if screened.blocked:
                 return blocked_response(state, body, screened)
-            return await forward(state, request, raw, body, screened, slot)
+            return await forward(state, request, admitted.raw, body, screened, admitted.slot)
 
     async def models(request: Request) -> Response:
-        request.scope["state"]["endpoint"] = "/v1/models"
-        state.authenticate(request)
-        if state.config.mode == "local":
-            name = state.config.model.name
-            return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "guardalign"}]})
-        upstream = state.upstream
-        response = await upstream.send("GET", "models", headers=upstream.headers(request.headers))
-        data = await upstream.read(response)
-        return Response(data, status_code=response.status_code, headers=upstream.response_headers(response),
-                        media_type=response.headers.get("content-type", "application/json"))
+        from .app import until_disconnect
+
+        async with state.serving(request, "/v1/models", parse_json=False):  # through the gate like every endpoint that works
+            if state.config.mode == "local":
+                name = state.config.model.name
+                return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "guardalign"}]})
+            upstream = state.upstream
+
+            async def exchange() -> tuple[Any, bytes]:
+                response = await upstream.send("GET", "models", headers=upstream.headers(request.headers))
+                return response, await upstream.read(response)
+
+            response, data = await until_disconnect(request, exchange())
+            return Response(data, status_code=response.status_code, headers=upstream.response_headers(response),
+                            media_type=response.headers.get("content-type", "application/json"))
 
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/models", models, methods=["GET"])

@@ -81,10 +81,8 @@ def register(app: FastAPI, state: Any) -> None:
     """Add LiteLLM's generic guardrail endpoint."""
 
     async def litellm_guardrail(request: Request) -> Response:
-        async with state.serving(request, "/beta/litellm_basic_guardrail_api"):
-            from ._gateway import parse_body
-
-            body = parse_body(await request.body())
+        async with state.serving(request, "/beta/litellm_basic_guardrail_api") as admitted:  # reads and parses the body
+            body = admitted.body
             if body.get("input_type") not in ("request", "response"):
                 return JSONResponse({"action": BLOCKED, "blocked_reason": "GuardAlign: input_type must be 'request' or 'response'"})
             answer, decision = await run_in_threadpool(guardrail_answer, state, body)

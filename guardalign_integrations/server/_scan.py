@@ -32,10 +32,17 @@ def _truthy(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"))
 
 
-async def _inputs(request: Request) -> tuple[list[tuple[str, str | bytes]], dict[str, Any]]:
-    """(label, source) pairs and the options, from a JSON body or a multipart form."""
-    kind = request.headers.get("content-type", "")
-    if kind.startswith("multipart/form-data"):
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("multipart/form-data")
+
+
+async def _inputs(request: Request, body: dict[str, Any] | None) -> tuple[list[tuple[str, str | bytes]], dict[str, Any]]:
+    """(label, source) pairs and the options, from the parsed JSON body or (``body`` None) the multipart form.
+
+    The form is parsed from the body the preamble has already read (under its deadline):
+    Starlette's ``request.form()`` reads the cached bytes.
+    """
+    if body is None:
         form = await request.form(max_files=1000, max_fields=100)
         items: list[tuple[str, str | bytes]] = []
         options: dict[str, Any] = {}
@@ -47,9 +54,6 @@ async def _inputs(request: Request) -> tuple[list[tuple[str, str | bytes]], dict
             else:
                 raise ServerError(400, f"form field {key!r} is not understood", "invalid_request", param=key)
         return items, options
-    from ._gateway import parse_body
-
-    body = parse_body(await request.body())
     unknown = set(body) - {"images", "return_images", "include_scores"}
     if unknown:
         raise ServerError(400, f"unknown fields: {', '.join(sorted(unknown))}", "invalid_request")
@@ -81,8 +85,8 @@ def register(app: FastAPI, state: Any) -> None:
     """Add ``POST /v1/scan``."""
 
     async def scan(request: Request) -> Response:
-        async with state.serving(request, "/v1/scan"):
-            items, options = await _inputs(request)
+        async with state.serving(request, "/v1/scan", parse_json=not _is_multipart(request)) as admitted:
+            items, options = await _inputs(request, admitted.body)
 
             images = [ContentImage(label, source=source, mime=declared_mime(source) if isinstance(source, str) else None)
                       for label, source in items]

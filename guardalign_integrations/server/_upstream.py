@@ -2,8 +2,10 @@
 
 What: one shared ``httpx.AsyncClient`` with connect/read timeouts and a connection limit.
 Non-streaming answers are read whole and returned with the upstream's status; streamed
-answers (SSE) are passed through chunk by chunk as they arrive (``aiter_raw``: no
-re-chunking, no buffering). Transport failures become 502 (unreachable, broken) or 504
+answers (SSE) are passed through chunk by chunk as they arrive (no re-chunking, no
+buffering). Answers are asked for uncompressed (``accept-encoding: identity``) and relayed
+decoded, without the upstream's ``content-encoding``: a compressing upstream still gives the
+client a readable body. Transport failures become 502 (unreachable, broken) or 504
 (timed out) OpenAI-style errors; an upstream's own error answer is passed through as sent.
 
 Why: the gateway adds no latency it does not need, and clients keep their SDK's error
@@ -49,6 +51,8 @@ class UpstreamClient:
     def headers(self, incoming: Mapping[str, str]) -> dict[str, str]:
         """The headers sent upstream: a few pass-through ones and the key chosen by ``key_mode``."""
         out = {k: v for k in _REQUEST_HEADERS if (v := incoming.get(k)) is not None}
+        # uncompressed answers: the gateway relays and rewrites bodies, and sends no content-encoding of its own
+        out["accept-encoding"] = "identity"
         if self.config.key_mode == "passthrough":
             auth = incoming.get("authorization")
             if auth is not None:
@@ -95,7 +99,9 @@ class UpstreamClient:
         import json
 
         try:
-            async for chunk in response.aiter_raw():
+            # decoded bytes: an upstream that compresses anyway (identity was asked for) is relayed
+            # uncompressed, as the dropped content-encoding header says; identity chunks pass as they come
+            async for chunk in response.aiter_bytes():
                 yield chunk
         except httpx.HTTPError as err:
             code = "upstream_timeout" if isinstance(err, httpx.TimeoutException) else "upstream_unreachable"

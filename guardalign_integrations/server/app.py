@@ -17,11 +17,14 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +33,7 @@ from guardalign_core.guard import ContentImage, ImageGuard
 from ._admission import AdmissionGate, QueueFull, Slot
 from ._batching import ScanBatcher
 from ._errors import ServerError, error_response, from_server_error
+from ._json_body import INLINE_PARSE_BYTES, parse_body
 from ._metrics import ServerMetrics
 from .config import ServerConfig
 
@@ -40,6 +44,15 @@ T = TypeVar("T")
 
 class ClientGone(Exception):
     """The client disconnected before the answer was ready; the work for it was cancelled."""
+
+
+@dataclass
+class Admitted:
+    """A request past the preamble (:meth:`ServerState.serving`): its processing slot, its body and, for JSON endpoints, the parsed object."""
+
+    slot: Slot
+    raw: bytes
+    body: dict[str, Any] | None
 
 
 class ServerState:
@@ -106,21 +119,68 @@ class ServerState:
         if self.gate is not None:
             self.metrics.in_flight.set(self.gate.active)
 
-    @asynccontextmanager
-    async def serving(self, request: Request, endpoint: str) -> AsyncIterator[Slot]:
-        """Name the endpoint for the log and metrics, authenticate, hold a processing slot for the body.
+    async def read_body(self, request: Request) -> bytes:
+        """The whole request body (size-limited by :class:`EdgeMiddleware`), within ``body_read_timeout_s``.
 
-        The slot is released on exit unless the endpoint handed it to a streaming response
+        Read before a processing slot is taken: a client that sends its body slowly (or never
+        finishes it) holds a connection, never a slot, and loses even that at the deadline.
+
+        Raises:
+            ServerError: 408 ``request_timeout`` when the body is not complete in time (the
+                connection is then closed).
+            ClientGone: the client disconnected before its body was complete.
+        """
+        timeout = self.config.body_read_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                raw = await request.body()
+        except TimeoutError:
+            self.metrics.rejections.labels("body_timeout").inc()
+            raise ServerError(408, f"the request body did not arrive within body_read_timeout_s={timeout:g} s",
+                              "request_timeout", headers={"connection": "close"}) from None
+        except ClientDisconnect:
+            raise ClientGone() from None
+        request.scope["state"]["body_bytes"] = len(raw)
+        return raw
+
+    async def parse(self, raw: bytes) -> dict[str, Any]:
+        """:func:`._json_body.parse_body` with the configured limit; a large body is parsed off the event loop.
+
+        Small bodies (:data:`INLINE_PARSE_BYTES`) are parsed in place: a thread hop would cost
+        more than the parse (the text-only path's overhead budget is a few hundred µs).
+        """
+        limit = self.config.max_json_values
+        try:
+            if len(raw) <= INLINE_PARSE_BYTES:
+                return parse_body(raw, max_values=limit)
+            return await run_in_threadpool(parse_body, raw, max_values=limit)
+        except ServerError as err:
+            self.metrics.rejections.labels(err.code).inc()
+            raise
+
+    @asynccontextmanager
+    async def serving(self, request: Request, endpoint: str, *, parse_json: bool = True) -> AsyncIterator[Admitted]:
+        """The shared preamble: name the endpoint, authenticate, read the body, hold a processing slot, parse.
+
+        The order is the defence: the body is read (under its deadline) before a slot is
+        taken, so slow or stalled uploads cannot lock the slots and the queue; the JSON is
+        parsed inside the slot, so the parsing CPU is bounded by ``max_concurrency``. The slot
+        is released on exit unless the endpoint handed it to a streaming response
         (:meth:`Slot.hand_over`), which releases it when the stream ends.
 
         Raises:
-            ServerError: 401 (no valid key) or 429 (queue full), before the body is read.
+            ServerError: 401 (no valid key), 408 (body too slow), 413 (body too large or its
+                JSON too complex), 429 (queue full), 400 (not a JSON object: see
+                :func:`._json_body.parse_body`).
+            ClientGone: the client left during the body.
         """
         request.scope["state"]["endpoint"] = endpoint
         self.authenticate(request)
+        raw = await self.read_body(request)
         slot = await self.admit()
         try:
-            yield slot
+            body = await self.parse(raw) if parse_json else None
+            yield Admitted(slot, raw, body)
         finally:
             if not slot.handed_over:
                 self.release(slot)

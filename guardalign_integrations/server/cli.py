@@ -68,9 +68,19 @@ def run_serve(args: argparse.Namespace) -> int:
 
     app = create_app(config)
     logger.info("serving %s mode on %s:%d (guard %s)", config.mode, config.host, config.port, config.guard)
-    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level=args.log_level,
-                timeout_graceful_shutdown=int(config.drain_timeout_s) or None)
+    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level=args.log_level, **uvicorn_limits(config))
     return 0
+
+
+def uvicorn_limits(config: ServerConfig) -> dict[str, int | None]:
+    """The uvicorn options that bound connections: the connection cap, the keep-alive and the drain timeouts.
+
+    uvicorn itself has no deadline for a request's headers: behind a network, put a proxy or
+    load balancer with a header timeout in front (docs/server.md); the body has its own
+    deadline in the app (``body_read_timeout_s``).
+    """
+    return {"limit_concurrency": config.connection_limit, "timeout_keep_alive": config.keep_alive_timeout_s,
+            "timeout_graceful_shutdown": int(config.drain_timeout_s) or None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -104,10 +104,28 @@ class ServerConfig(_Config):
     refusal_text: str = Field(DEFAULT_REFUSAL, description="The refusal message of a blocked request.")
     safety_prompt: bool = Field(True, description="Gateway: add the black-box safety prompt the guard plans (DESIGN §1C).")
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest request body accepted, in bytes (413 above).")
+    body_read_timeout_s: float = Field(
+        30.0, gt=0,
+        description="How long a client may take to send its whole request body, in seconds (408 and the connection "
+        "closed after). The body is read before a processing slot is taken, so slow uploads never hold one.",
+    )
+    max_json_values: int = Field(
+        250_000, ge=1,
+        description="Most JSON values (objects, arrays, strings, numbers, literals) in one request body, counted before "
+        "parsing (413 json_too_complex above): bounds the CPU a body can cost.",
+    )
     max_concurrency: int = Field(64, ge=1, description="Requests processed at once; more wait in the queue.")
     max_queue: int = Field(256, ge=0, description="Requests allowed to wait for a slot; beyond that the answer is 429.")
     retry_after_s: int = Field(1, ge=0, description="The Retry-After value of a 429, in seconds.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown, how long in-flight requests may finish, in seconds.")
+    max_connections: int | None = Field(
+        None, ge=1,
+        description="Most open client connections and requests in progress (uvicorn's limit_concurrency; 503 above), "
+        "counted before any slot or queue place: null means 4 x (max_concurrency + max_queue), at least 1024.",
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, description="How long an idle keep-alive connection stays open between requests, in seconds (uvicorn's timeout_keep_alive)."
+    )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     warm_up: bool = Field(True, description="Load the CLIP backbone (and local model) at start-up; /readyz says ready after.")
     gc_freeze: bool = Field(
@@ -124,7 +142,15 @@ class ServerConfig(_Config):
             raise ValueError(f"host: binding {self.host!r} (not loopback) requires api_keys (or --api-key)")
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("api_keys: empty keys are not accepted")
+        if self.max_connections is not None and self.max_connections <= self.max_concurrency + self.max_queue:
+            raise ValueError(f"max_connections: {self.max_connections} leaves no room above max_concurrency + max_queue "
+                             f"({self.max_concurrency + self.max_queue}); the queue could never fill, and 503s would replace 429s")
         return self
+
+    @property
+    def connection_limit(self) -> int:
+        """``max_connections``, or its default: room for every slot and queue place several times over."""
+        return self.max_connections or max(1024, 4 * (self.max_concurrency + self.max_queue))
 
     @property
     def mode(self) -> Literal["gateway", "local"]:

@@ -17,6 +17,7 @@ import json
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,13 +37,16 @@ class UpstreamRecord:
     chunk_delay_s: float = 0.0
     """Pause before each streamed chunk (after the first)."""
     response_delay_s: float = 0.0
-    """Pause before answering at all (a slow upstream)."""
+    """Pause before answering at all, chat or models (a slow upstream)."""
     release_last_chunk: threading.Event | None = None
     """When set, the last streamed chunk waits for this event."""
     sent_chunks: int = 0
     cancelled: int = 0
     """Requests whose client (the gateway) went away before the answer was complete."""
     record_bodies: bool = True
+    compress: str | None = None
+    """Gzip the answers (``content-encoding: gzip``): ``"gzip"`` when the request's ``accept-encoding`` allows
+    it, ``"always"`` even when it does not (a misbehaving upstream); ``None``: never."""
 
 
 def create_upstream_imitation(record: UpstreamRecord | None = None) -> tuple[Starlette, UpstreamRecord]:
@@ -68,23 +72,49 @@ def create_upstream_imitation(record: UpstreamRecord | None = None) -> tuple[Sta
         if body.get("tools"):
             name = body["tools"][0]["function"]["name"]
             tool_calls = [{"id": "call_1", "type": "function", "function": {"name": name, "arguments": "{\"x\": 1}"}}]
+        gzip = record.compress == "always" or (record.compress == "gzip" and "gzip" in request.headers.get("accept-encoding", ""))
         if body.get("stream"):
-            return StreamingResponse(_stream(record, model, tool_calls, request), media_type="text/event-stream")
+            events = _stream(record, model, tool_calls, request)
+            if gzip:
+                return StreamingResponse(_gzipped(events), media_type="text/event-stream", headers={"content-encoding": "gzip"})
+            return StreamingResponse(events, media_type="text/event-stream")
         message: dict[str, Any] = {"role": "assistant", "content": None if tool_calls else "".join(record.stream_chunks)}
         if tool_calls:
             message["tool_calls"] = tool_calls
-        return JSONResponse({
+        answer = JSONResponse({
             "id": "chatcmpl-imitation", "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls" if tool_calls else "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": len(record.stream_chunks), "total_tokens": 3 + len(record.stream_chunks)},
         }, headers={"x-request-id": "req-imitation"})
+        if gzip:
+            return Response(_gzip(answer.body), media_type="application/json", headers={"x-request-id": "req-imitation", "content-encoding": "gzip"})
+        return answer
 
     async def models(request: Request) -> Response:
         record.requests.append({"path": request.url.path, "headers": dict(request.headers), "body": None})
+        deadline = time.monotonic() + record.response_delay_s
+        while time.monotonic() < deadline:
+            if await request.is_disconnected():
+                record.cancelled += 1
+                return Response(status_code=499)
+            await asyncio.sleep(0.01)
         return JSONResponse({"object": "list", "data": [{"id": "imitation-model", "object": "model", "created": 0, "owned_by": "test"}]})
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models, methods=["GET"])])
     return app, record
+
+
+def _gzip(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=31)  # gzip framing
+    return compressor.compress(data) + compressor.flush()
+
+
+async def _gzipped(chunks: Any) -> Any:
+    """A gzip stream of ``chunks``, flushed after each so that it streams."""
+    compressor = zlib.compressobj(wbits=31)
+    async for chunk in chunks:
+        yield compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    yield compressor.flush()
 
 
 async def _stream(record: UpstreamRecord, model: str, tool_calls: Any, request: Request):

@@ -55,6 +55,13 @@ class Admitted:
     body: dict[str, Any] | None
 
 
+def detector_on_gpu(guard: ImageGuard) -> bool:
+    """Whether the guard's detector runs on a CUDA device (``device: auto`` resolved as the encoder will resolve it)."""
+    from guardalign_core.encoders import resolve_device
+
+    return resolve_device(guard.config.detector.device).startswith("cuda")
+
+
 class ServerState:
     """What every endpoint shares: config, guard, batcher, limits, metrics, upstream or local model."""
 
@@ -66,7 +73,7 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.gate: AdmissionGate | None = None  # made on the serving event loop
         batching = config.batching
-        enabled = batching.enabled if batching.enabled is not None else guard.config.detector.device.startswith("cuda")
+        enabled = batching.enabled if batching.enabled is not None else detector_on_gpu(guard)
         self.batcher = ScanBatcher(guard, enabled=enabled, window_ms=batching.window_ms, max_images=batching.max_images,
                                    on_batch=self.metrics.batch_images.observe)
         self.upstream: Any = None

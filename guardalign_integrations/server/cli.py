@@ -6,15 +6,18 @@
 environment for secrets only) and serves it with uvicorn until SIGINT/SIGTERM, draining
 in-flight requests for ``drain_timeout_s``.
 
-Environment variables (read here only): ``GUARDALIGN_API_KEY`` (a key callers must send, if
-no ``--api-key``) and ``GUARDALIGN_UPSTREAM_API_KEY`` (the server's own upstream key, if the
-file sets none).
+Precedence, for every setting: a flag, then the environment, then the ``--config`` file, then
+the default. Environment variables (read here only, secrets only): ``GUARDALIGN_API_KEY`` (a
+key callers must send; replaces the file's ``api_keys``, replaced by ``--api-key``) and
+``GUARDALIGN_UPSTREAM_API_KEY`` (the server's own upstream key; replaces the file's
+``upstream.api_key``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from typing import Mapping, Sequence
@@ -49,7 +52,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     config = load_server_config(args.config, upstream=args.upstream, model=args.model, guard=args.guard, host=args.host,
                                 port=args.port, api_keys=api_keys)
     upstream_key = environ.get("GUARDALIGN_UPSTREAM_API_KEY")
-    if config.upstream is not None and config.upstream.api_key is None and upstream_key:
+    if config.upstream is not None and upstream_key:  # the environment over the file, as for GUARDALIGN_API_KEY
         config = config.model_copy(update={"upstream": config.upstream.model_copy(update={"api_key": upstream_key})})
     return config
 
@@ -58,7 +61,10 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted; returns the exit status (2: invalid configuration)."""
     import uvicorn
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: `guardalign serve` runs under the main CLI, which has configured logging already
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if args.log_level != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is the access log's, not the client's too
     try:
         config = build_config(args)
     except ValueError as err:
@@ -80,7 +86,7 @@ def uvicorn_limits(config: ServerConfig) -> dict[str, int | None]:
     deadline in the app (``body_read_timeout_s``).
     """
     return {"limit_concurrency": config.connection_limit, "timeout_keep_alive": config.keep_alive_timeout_s,
-            "timeout_graceful_shutdown": int(config.drain_timeout_s) or None}
+            "timeout_graceful_shutdown": math.ceil(config.drain_timeout_s)}  # whole seconds, never None (= wait forever)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -185,3 +185,21 @@ def test_requests_after_close_are_still_screened(make_guard, png_bytes):
     worker.start()
     worker.join(timeout=60)
     assert done and done[0].decision.value == "mask"
+
+
+@pytest.mark.parametrize("device, cuda, expected", [("auto", True, True), ("auto", False, False), ("cpu", True, False), ("cuda", True, True)])
+def test_batching_is_on_by_default_exactly_when_the_detector_runs_on_a_gpu(make_guard, monkeypatch, device, cuda, expected):
+    # every preset says device 'auto': on a GPU machine that is the GPU, and batching must be on
+    import torch
+
+    from guardalign_integrations.server.app import ServerState
+    from guardalign_integrations.server.config import ServerConfig
+
+    guard = make_guard(ALL_UNSAFE)
+    guard = ImageGuard(guard.config.model_copy(update={"detector": guard.config.detector.model_copy(update={"device": device})}),
+                       detector=guard.detector, memory=guard.memory)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    state = ServerState(ServerConfig(upstream={"base_url": "http://127.0.0.1:9/v1"}), guard)
+    assert state.batcher.enabled is expected
+    explicit = ServerState(ServerConfig(upstream={"base_url": "http://127.0.0.1:9/v1"}, batching={"enabled": not expected}), guard)
+    assert explicit.batcher.enabled is (not expected)

@@ -28,6 +28,27 @@ def test_secrets_come_from_the_environment_only_at_the_edge():
     config = build_config(parse("--upstream", "http://127.0.0.1:1/v1", "--host", "0.0.0.0"),
                           environ={"GUARDALIGN_API_KEY": "k1", "GUARDALIGN_UPSTREAM_API_KEY": "up"})
     assert config.api_keys == ["k1"] and config.upstream.api_key == "up"
+
+
+def test_one_precedence_for_every_setting_flag_then_environment_then_file(tmp_path):
+    path = tmp_path / "server.yaml"
+    path.write_text("upstream:\n  base_url: http://127.0.0.1:1/v1\n  api_key: file-upstream\napi_keys: [file-key]\n"
+                    "guard: fast-cpu\nhost: 127.0.0.1\nport: 9100\n")
+    environ = {"GUARDALIGN_API_KEY": "env-key", "GUARDALIGN_UPSTREAM_API_KEY": "env-upstream"}
+    from_env = build_config(parse("--config", str(path)), environ=environ)
+    assert from_env.api_keys == ["env-key"] and from_env.upstream.api_key == "env-upstream"  # both variables over the file
+    flags = build_config(parse("--config", str(path), "--api-key", "flag-key", "--guard", "cpu-tokens", "--host", "::1"), environ=environ)
+    assert flags.api_keys == ["flag-key"] and flags.guard == "cpu-tokens" and flags.host == "::1"  # flags over both
+    from_file = build_config(parse("--config", str(path)), environ={})
+    assert from_file.api_keys == ["file-key"] and from_file.upstream.api_key == "file-upstream"
+
+
+@pytest.mark.parametrize("drain, expected", [(0.0, 0), (0.4, 1), (2.5, 3), (30.0, 30)])
+def test_the_drain_timeout_reaches_uvicorn_in_whole_seconds_never_as_wait_forever(drain, expected):
+    from guardalign_integrations.server.cli import uvicorn_limits
+
+    config = ServerConfig(upstream={"base_url": "http://127.0.0.1:1/v1"}, drain_timeout_s=drain)
+    assert uvicorn_limits(config)["timeout_graceful_shutdown"] == expected
     with pytest.raises(ValueError, match="requires api_keys"):
         build_config(parse("--upstream", "http://127.0.0.1:1/v1", "--host", "0.0.0.0"), environ={})
 
@@ -49,8 +70,12 @@ def test_missing_file_does_not_echo_the_path(tmp_path):
     assert "secret-dir" not in str(err.value)
 
 
-def test_serve_command_starts_warms_and_drains_on_sigterm(tmp_path, tiny_clip_checkpoint):
-    """The real command in a subprocess: ready after warm-up; SIGTERM lets the in-flight request finish."""
+def test_serve_command_starts_warms_logs_one_line_per_request_and_drains_on_sigterm(tmp_path, tiny_clip_checkpoint):
+    """``guardalign serve`` (the main CLI, as users start it) in a subprocess.
+
+    Ready after warm-up; one access line per request with the decision and never the
+    content; SIGTERM lets the in-flight request finish.
+    """
     import os
     import signal
     import socket
@@ -73,8 +98,9 @@ def test_serve_command_starts_warms_and_drains_on_sigterm(tmp_path, tiny_clip_ch
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}
     with ServerThread(imitation) as upstream:
-        proc = subprocess.Popen([sys.executable, "-m", "guardalign_integrations.server.cli", "--upstream", upstream.url + "/v1",
-                                 "--guard", str(guard_file), "--port", str(port), "--log-level", "warning"], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "guardalign_cli", "serve", "--upstream", upstream.url + "/v1",
+                                 "--guard", str(guard_file), "--port", str(port), "--log-level", "info"], env=env,
+                                stderr=subprocess.PIPE, text=True)
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 120
@@ -87,8 +113,9 @@ def test_serve_command_starts_warms_and_drains_on_sigterm(tmp_path, tiny_clip_ch
                     pass
                 time.sleep(0.1)
             result = {}
+            secret = "hi, my account number is canary-7731"
             slow = threading.Thread(target=lambda: result.update(r=httpx.post(
-                url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)))
+                url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": secret}]}, timeout=30)))
             slow.start()
             while not record.requests:  # the request has reached the upstream: it is in flight
                 time.sleep(0.02)
@@ -96,6 +123,10 @@ def test_serve_command_starts_warms_and_drains_on_sigterm(tmp_path, tiny_clip_ch
             slow.join()
             assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["message"]["content"]
             assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after draining
+            log = proc.stderr.read()
+            chat_lines = [line for line in log.splitlines() if "POST /v1/chat/completions" in line]
+            assert len(chat_lines) == 1 and "200 decision=allow images=0" in chat_lines[0], log
+            assert "canary-7731" not in log and "HTTP Request:" not in log  # no content; no second line from httpx
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -103,6 +103,8 @@ def guardrail_answer(state: Any, body: dict[str, Any]) -> tuple[dict[str, Any], 
             raise ContentError(decision.refused, code="guardalign_image_budget")
         if decision.blocked:
             return {"action": BLOCKED, "blocked_reason": decision.blocked_reason()}, decision
+        if len(decision.images) != len(content):  # never let an image without a verdict through
+            return _blocked("the guard returned a verdict count that does not match the request's images"), None
         verdicts = decision.images[: len(refs)]
         for (url, i), verdict in zip(loose.items(), decision.images[len(refs):]):
             if forwarded_url(url, verdict) is not url:

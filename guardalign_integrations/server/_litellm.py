@@ -11,9 +11,11 @@ litellm 1.110):
 - response: ``{"action": "NONE" | "BLOCKED" | "GUARDRAIL_INTERVENED", "blocked_reason",
   "texts", "images", "structured_messages"}``. LiteLLM raises on ``BLOCKED``; on
   ``GUARDRAIL_INTERVENED`` it writes returned ``structured_messages`` rows that differ from
-  what it sent back into the request (rows returned unchanged keep the originals). The
-  returned ``images`` list is not written back by LiteLLM's chat handler, so the sanitised
-  images travel in ``structured_messages`` (and in ``images`` for other callers).
+  what it sent back into the request (rows returned unchanged keep the originals). No
+  LiteLLM handler (chat, Anthropic messages, Responses, response checks) writes the returned
+  ``images`` list back, so a masked image reaches the model only through a rewritten
+  ``structured_messages`` row; an image that needs changing and has no such row is blocked
+  (see :func:`guardrail_answer`).
 
 LiteLLM's chat handler calls the guardrail only when the request has text or tool calls; a
 request with images and no text at all is not sent to any guardrail by LiteLLM.
@@ -28,53 +30,100 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from guardalign_core.guard import ContentImage
-from guardalign_core.verdicts import Forward
 
-from ._openai_content import ContentError, data_url, declared_mime, decision_header, forwarded_url, screen_chat_body
+from ._openai_content import ContentError, check_body_fields, collect_images, declared_mime, decision_header, forwarded_url, rewrite_messages
 
 NONE, BLOCKED, INTERVENED = "NONE", "BLOCKED", "GUARDRAIL_INTERVENED"
 
+REQUEST_KEYS = frozenset({
+    "input_type", "litellm_call_id", "litellm_trace_id", "structured_messages", "images", "tools", "texts",
+    "request_data", "request_headers", "litellm_version", "additional_provider_specific_params", "tool_calls", "model",
+})
+"""The fields of LiteLLM's ``GenericGuardrailAPIRequest`` (litellm 1.110).
 
-def _has_images(messages: Any) -> bool:
-    return isinstance(messages, list) and any(
-        isinstance(m, dict) and isinstance(m.get("content"), list)
-        and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
-        for m in messages
-    )
+``structured_messages`` and ``images`` are screened; the others carry text, tool
+definitions and calls, or metadata, none of which LiteLLM forwards to the model as media.
+Any other field that carries data, a URL, a path or a base64 payload is refused (a newer
+LiteLLM could send media there that nothing here screens).
+"""
+
+
+def _blocked(reason: str) -> dict[str, Any]:
+    return {"action": BLOCKED, "blocked_reason": f"GuardAlign: {reason}"}
+
+
+def _image_list(body: dict[str, Any]) -> list[str]:
+    images = body.get("images")
+    if images is None:
+        return []
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise ContentError("'images' must be a list of URL strings", param="images")
+    return images
 
 
 def guardrail_answer(state: Any, body: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """The guardrail's answer to one LiteLLM request, and the decision (``None`` when nothing was scanned)."""
-    guard = state.guard
-    messages = body.get("structured_messages")
-    images = body.get("images") or []
-    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        return {"action": BLOCKED, "blocked_reason": "GuardAlign: 'images' must be a list of URL strings"}, None
+    """The guardrail's answer to one LiteLLM request, and the decision (``None`` when nothing was scanned).
+
+    Every carrier of media is screened, in one call to the guard (one budget for the request):
+
+    - ``structured_messages`` (when not empty) goes through the gateway's default-deny walk
+      (:func:`collect_images`): its ``image_url`` parts are screened; a part or message field
+      that carries data in any other shape (``file``, ``input_image``, an Anthropic ``image``
+      block, a message-level ``images`` list, ...) is refused.
+    - every entry of ``images`` is screened; one that is exactly an ``image_url`` of
+      ``structured_messages`` shares that part's verdict.
+    - a top-level field outside :data:`REQUEST_KEYS` that carries data is refused.
+
+    Any block (an unsafe image under ``block``, an image that cannot be read, a refusal) is
+    ``BLOCKED``. LiteLLM writes back only changed ``structured_messages`` rows, never the
+    ``images`` list, so when ``images`` and the messages disagree an ``images`` entry found in
+    no ``image_url`` part can only pass unchanged: if its verdict would forward anything but
+    exactly what was sent (masked, re-encoded, dropped) the answer is ``BLOCKED`` rather than
+    letting LiteLLM forward the original (so is a request with no ``structured_messages``,
+    such as a response check, whose images need masking). Otherwise a changed request is
+    ``GUARDRAIL_INTERVENED`` with the rewritten rows, plus ``images`` as each sent entry
+    would be forwarded (for callers that read it).
+    """
     try:
-        if _has_images(messages):
-            screened = screen_chat_body({"messages": messages}, guard, screen=state.batcher.screen, safety_prompt=False)
-            decision = screened.decision
-            if screened.blocked:
-                return {"action": BLOCKED, "blocked_reason": decision.blocked_reason()}, decision
-            if not screened.changed:
-                return {"action": NONE}, decision
-            out_images = [data_url(v.data, v.mime) for v in screened.verdicts if v.forward == Forward.BYTES and v.sanitised]  # type: ignore[arg-type]
-            return {"action": INTERVENED, "structured_messages": screened.body["messages"], "images": out_images or None}, decision
-        if not images:
+        check_body_fields(body, REQUEST_KEYS, "LiteLLM guardrail request")
+        images = _image_list(body)
+        messages = body.get("structured_messages")
+        refs = [] if messages is None or messages == [] else collect_images(messages)
+        in_messages = {ref.url for ref in refs}
+        loose: dict[str, int] = {}  # images entries in no image_url part: URL -> first index
+        for i, url in enumerate(images):
+            if url not in in_messages:
+                loose.setdefault(url, i)
+        content = [ref.content_image() for ref in refs]
+        content += [ContentImage(f"images[{i}]", source=url, mime=declared_mime(url)) for url, i in loose.items()]
+        if not content:
             return {"action": NONE}, None
-        decision = state.batcher.screen([ContentImage(f"images[{i}]", source=url, mime=declared_mime(url)) for i, url in enumerate(images)])
+        decision = state.batcher.screen(content)
         if decision.refused is not None:
             raise ContentError(decision.refused, code="guardalign_image_budget")
         if decision.blocked:
             return {"action": BLOCKED, "blocked_reason": decision.blocked_reason()}, decision
-        forwarded = [forwarded_url(url, verdict) for url, verdict in zip(images, decision.images)]
-        if all(new is url for new, url in zip(forwarded, images)):
+        if len(decision.images) != len(content):  # never let an image without a verdict through
+            return _blocked("the guard returned a verdict count that does not match the request's images"), None
+        verdicts = decision.images[: len(refs)]
+        for (url, i), verdict in zip(loose.items(), decision.images[len(refs):]):
+            if forwarded_url(url, verdict) is not url:
+                raise ContentError(
+                    f"images[{i}] would be forwarded changed (masked, re-encoded or dropped) but is in no image_url part of "
+                    "structured_messages, and LiteLLM does not write the images list back; refused, not forwarded as sent",
+                    code="guardalign_unsupported_content",
+                    param=f"images[{i}]",
+                )
+        new_messages, changed = rewrite_messages(messages, refs, verdicts) if refs else (messages, False)
+        if not changed:
             return {"action": NONE}, decision
-        return {"action": INTERVENED, "images": [url for url in forwarded if url is not None]}, decision
+        by_url = {ref.url: forwarded_url(ref.url, verdict) for ref, verdict in zip(refs, verdicts)}
+        out_images = [new for new in (by_url.get(url, url) for url in images) if new is not None]
+        return {"action": INTERVENED, "structured_messages": new_messages, "images": out_images or None}, decision
     except ContentError as err:
         # LiteLLM would forward what we cannot screen: refuse it (default deny)
         state.metrics.rejections.labels(err.code).inc()
-        return {"action": BLOCKED, "blocked_reason": f"GuardAlign: {err}"}, None
+        return _blocked(str(err)), None
 
 
 def register(app: FastAPI, state: Any) -> None:

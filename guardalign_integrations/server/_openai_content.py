@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from guardalign_core._payloads import base64_head, carries_media, inline_media
 from guardalign_core.guard import ContentImage, ImageGuard, RequestVerdict, SafetyPrompt
@@ -142,16 +142,22 @@ def _suspicious(value: Any) -> bool:
     return _carries_data(value) or carries_media(value)
 
 
-def check_body_fields(body: dict[str, Any]) -> None:
-    """Refuse top-level fields outside :data:`BODY_KEYS` that carry data (default deny).
+def check_body_fields(body: dict[str, Any], known: Collection[str] = BODY_KEYS, kind: str = "chat-completions") -> None:
+    """Refuse top-level fields outside ``known`` that carry data (default deny).
+
+    Args:
+        body: the parsed request body.
+        known: the fields this API defines (default :data:`BODY_KEYS`); the LiteLLM guardrail
+            endpoint passes its own request's fields.
+        kind: the API's name, for the error message.
 
     Raises:
         ContentError: such a field is present.
     """
     for key, value in body.items():
-        if key not in BODY_KEYS and _suspicious(value):
+        if key not in known and _suspicious(value):
             raise ContentError(
-                f"top-level field {key!r} is not a chat-completions field GuardAlign screens and carries data; "
+                f"top-level field {key!r} is not a {kind} field GuardAlign screens and carries data; "
                 "it is refused, not forwarded",
                 code="guardalign_unsupported_content",
                 param=key,

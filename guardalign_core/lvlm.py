@@ -36,13 +36,15 @@ Message = dict[str, Any]
 class GenerationOptions(BaseModel):
     """Standard decoding knobs. ``temperature=0`` is greedy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int = Field(256, ge=1, description="Most tokens to generate.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
     stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends when one is produced.")
-    seed: int | None = Field(None, description="Seed for sampling (sets the global torch seed for the call).")
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**64 - 1, description="Seed for sampling (sets the global torch seed for the call; torch's range)."
+    )
 
     @classmethod
     def from_call(cls, defaults: "GenerationOptions", kwargs: dict[str, Any]) -> tuple["GenerationOptions", dict[str, Any]]:

@@ -20,6 +20,7 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import Request
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -60,19 +61,25 @@ def generation_options(body: dict[str, Any], max_new_tokens: int) -> GenerationO
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise ServerError(400, "structured outputs (response_format) are not supported by the local model", "unsupported_parameter",
                           param="response_format")
-    requested = body.get("max_completion_tokens") or body.get("max_tokens") or max_new_tokens
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    requested, stop = body.get(limit_name), body.get("stop")
+    values = {
+        "max_new_tokens": max_new_tokens if requested is None else requested,
+        "temperature": 0.0 if body.get("temperature") is None else body["temperature"],
+        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+        "stop": [] if stop is None else [stop] if isinstance(stop, str) else stop,
+        "seed": body.get("seed"),
+    }
     try:
-        return GenerationOptions(
-            max_new_tokens=min(int(requested), max_new_tokens),
-            temperature=float(body.get("temperature") or 0.0),
-            top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
-            stop=[str(s) for s in stops],
-            seed=body.get("seed"),
-        )
-    except (TypeError, ValueError) as err:
-        raise ServerError(400, f"invalid decoding parameters ({type(err).__name__})", "invalid_request") from None
+        options = GenerationOptions.model_validate(values, strict=True)  # JSON types as sent: no bool for an int, no str for a list
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "request"
+        param = limit_name if field == "max_new_tokens" else field
+        raise ServerError(400, f"{param}: {first['msg']}", "invalid_request", param=param) from None
+    if len(options.stop) > 4:
+        raise ServerError(400, "stop: at most 4 stop sequences", "invalid_request", param="stop")
+    return options.model_copy(update={"max_new_tokens": min(options.max_new_tokens, max_new_tokens)})
 
 
 def hf_request(body: dict[str, Any], screened: ScreenedBody) -> CheckedRequest:

@@ -69,14 +69,14 @@ def test_local_model_greedy_is_repeatable_and_honours_stop(local_server):
     server, _ = local_server
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
     messages = [{"role": "user", "content": "Describe the image."}]
-    first = client.chat.completions.create(model="m", messages=messages, max_tokens=8).choices[0].message.content
-    second = client.chat.completions.create(model="m", messages=messages, max_tokens=8).choices[0].message.content
+    first = client.chat.completions.create(model="m", messages=messages, max_tokens=12).choices[0].message.content
+    second = client.chat.completions.create(model="m", messages=messages, max_tokens=12).choices[0].message.content
     assert first == second
     answer = first[len(PREFIX):]
-    if answer:
-        stop = answer[len(answer) // 2:][:2]
-        cut = client.chat.completions.create(model="m", messages=messages, max_tokens=8, stop=[stop]).choices[0].message.content
-        assert stop not in cut[len(PREFIX):] and first.startswith(cut)
+    assert len(answer) >= 2, first  # something beyond the prefix to stop in
+    stop = answer[len(answer) // 2:][:2]
+    cut = client.chat.completions.create(model="m", messages=messages, max_tokens=12, stop=[stop]).choices[0].message.content
+    assert stop not in cut[len(PREFIX):] and first.startswith(cut) and len(cut) < len(first)
 
 
 def test_local_model_refuses_tools_with_a_clear_400(local_server):
@@ -127,3 +127,59 @@ def test_leaving_a_local_stream_stops_generation(tiny_llava, make_guard):
             hook.remove()
         # special tokens (EOS included) are suppressed: without the cancel it would run all 400 steps
         assert 0 < len(steps) < 200
+
+
+def test_leaving_a_whole_answer_request_stops_generation(tiny_llava, make_guard):
+    # not streamed: the client closes its connection while the answer is being generated
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    config = ServerConfig(model={"model_id": str(tiny_llava), "suppress_special_tokens": True, "max_new_tokens": 400})
+    app = create_app(config, guard=make_guard(NONE_UNSAFE))
+    with ServerThread(app) as server:
+        wait_ready(server.url, timeout=120)
+        lvlm = app.state.guardalign.pipeline.lvlm
+        steps = []
+        hook = lvlm.model.register_forward_hook(lambda *args: steps.append(1))
+        try:
+            body = json.dumps({"model": "m", "max_tokens": 400, "messages": [{"role": "user", "content": "hi"}]}).encode()
+            address = urlsplit(server.url)
+            with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                             + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+                deadline = time.monotonic() + 60
+                while len(steps) < 3:  # generation has started
+                    assert time.monotonic() < deadline, "generation never started"
+                    time.sleep(0.01)
+            deadline = time.monotonic() + 60
+            while not lvlm._slots.acquire(blocking=False):
+                assert time.monotonic() < deadline, "the generation never ended"
+                time.sleep(0.05)
+            lvlm._slots.release()
+        finally:
+            hook.remove()
+        assert 0 < len(steps) < 200  # without the cancel it would run all 400 steps
+
+
+@pytest.mark.parametrize("field, value", [
+    ("stop", 5), ("stop", True), ("stop", 1.5), ("stop", ["ok", 1]), ("stop", ["a", "b", "c", "d", "e"]),
+    ("seed", 2**70), ("seed", True), ("seed", "7"),
+    ("temperature", "hot"), ("temperature", -1), ("temperature", float("nan")), ("top_p", 0), ("top_p", 1.5),
+    ("max_tokens", 0), ("max_tokens", "5"), ("max_tokens", True), ("max_completion_tokens", -3),
+])
+def test_bad_decoding_parameters_are_a_400_naming_the_field(field, value):
+    from guardalign_integrations.server._errors import ServerError
+    from guardalign_integrations.server._local import generation_options
+
+    with pytest.raises(ServerError) as err:
+        generation_options({"messages": [], field: value}, max_new_tokens=32)
+    assert err.value.status == 400 and err.value.param == field
+
+
+def test_good_decoding_parameters_pass_and_the_server_cap_holds():
+    from guardalign_integrations.server._local import generation_options
+
+    options = generation_options({"max_tokens": 999, "temperature": 1, "top_p": 0.5, "stop": "END", "seed": 2**63}, max_new_tokens=32)
+    assert (options.max_new_tokens, options.temperature, options.top_p, options.stop, options.seed) == (32, 1.0, 0.5, ["END"], 2**63)
+    assert generation_options({}, max_new_tokens=32).max_new_tokens == 32

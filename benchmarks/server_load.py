@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--sequential", type=int, default=600, help="rounds of the interleaved text/stream overhead measurement")
     parser.add_argument("--image-rounds", type=int, default=40, help="rounds of the one-image measurement (distinct images)")
-    parser.add_argument("--pin", action="store_true", help="pin the upstream to CPU 0 and the gateway, floor proxy and client to CPU 1")
+    parser.add_argument("--pin", action="store_true", help="pin the upstream to CPU 0 and the gateway, floor proxy, guard-alone reference and client to CPU 1 (one torch thread each)")
     parser.add_argument("--skip-load", action="store_true", help="only the overhead measurements")
     parser.add_argument("--baseline-tree", default=None, metavar="DIR",
                         help="also start the gateway of another checkout (e.g. `git archive` of an older commit) and measure it "
@@ -351,24 +351,28 @@ def main(argv: list[str] | None = None) -> int:
     image_url = "data:image/png;base64," + base64.b64encode(data).decode()
     # every one-image round uses distinct variants (one pixel changed: same scan cost, no verdict from memory)
     variant_urls = ["data:image/png;base64," + base64.b64encode(v).decode() for v in image_variants(data, 2 * args.image_rounds + 1)]
-    alone = GuardAlone(guard_file, variant_urls, env, tmp)
+    # Pinned, the gateway and the guard-alone reference each get one core: one torch thread each, said
+    # explicitly (torch sizes its pool from the CPUs it may use when imported, which raced the pinning:
+    # measured, the reference at 2x the gateway's time for ViT-B-32 when it got two threads on one core)
+    torch_env = {**env, "OMP_NUM_THREADS": "1"} if args.pin else env
+    alone = GuardAlone(guard_file, variant_urls, torch_env, tmp)
     up_port, gw_port, floor_port = free_port(), free_port(), free_port()
     upstream_base = f"http://127.0.0.1:{up_port}/v1"
     upstream = subprocess.Popen([sys.executable, __file__, "--serve-imitation", str(up_port)], env=env)
     floor = subprocess.Popen([sys.executable, __file__, "--serve-floor", str(floor_port), upstream_base + "/"], env=env)
     gateway = subprocess.Popen([sys.executable, "-m", "guardalign_integrations.server.cli", "--upstream", upstream_base,
-                                "--guard", guard_file, "--port", str(gw_port), "--log-level", "warning"], env=env)
+                                "--guard", guard_file, "--port", str(gw_port), "--log-level", "warning"], env=torch_env)
     servers = [gateway, floor, alone.proc, upstream]
     base_port = free_port()
     if args.baseline_tree:
         tree = str(Path(args.baseline_tree).resolve())
         servers.insert(0, subprocess.Popen([sys.executable, "-m", "guardalign_integrations.server.cli", "--upstream", upstream_base,
                                             "--guard", guard_file, "--port", str(base_port), "--log-level", "warning"],
-                                           env={**env, "PYTHONPATH": tree}, cwd=tree))
+                                           env={**torch_env, "PYTHONPATH": tree}, cwd=tree))
     import torch
 
     report: dict = {"image": IMAGE.name, "image_bytes": len(data), "guard": "tiny-random CLIP" if args.guard is None else args.guard,
-                    "pinned": args.pin, "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
+                    "pinned": args.pin, "client_torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
     if args.pin:
         pin(upstream.pid, 0)
         for proc in servers[:-1]:  # the gateway, the floor proxy, the guard alone (and the baseline gateway)

@@ -29,8 +29,6 @@ DEFAULT_MAX_JSON_VALUES = 250_000
 """The most JSON values (objects, arrays, strings, numbers, literals) in one body; see ``ServerConfig.max_json_values``."""
 
 _WHITESPACE = b" \t\r\n"
-# an escaped or raw (CESU-8 / surrogatepass) UTF-16 surrogate: only then are the parsed strings checked
-_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -69,7 +67,7 @@ def count_json_values(raw: bytes, limit: int) -> int:
     made exact. Bytes operations only (no regular expression: nothing to backtrack), linear in
     the size of the body; invalid JSON may be over-counted (and refused as too large, not invalid).
     """
-    if len(raw) <= limit:  # each value takes at least one byte
+    if len(raw) < 2 * limit:  # each value takes a byte of its own and all but one a separator: at most (len + 1) / 2 values
         return 0
     bound = 1 + raw.count(b",") + raw.count(b"{") + raw.count(b"[")
     if bound <= limit:
@@ -96,11 +94,11 @@ def _has_lone_surrogate(value: Any) -> bool:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if _SURROGATE.search(item):
+            if not item.isascii() and _SURROGATE.search(item):  # isascii: O(1), so a 1 MB base64 string costs nothing
                 return True
         elif isinstance(item, dict):
             for key, child in item.items():
-                if _SURROGATE.search(key):
+                if not key.isascii() and _SURROGATE.search(key):
                     return True
                 stack.append(child)
         elif isinstance(item, list):
@@ -151,7 +149,8 @@ def parse_body(raw: bytes, *, max_values: int = DEFAULT_MAX_JSON_VALUES) -> dict
         raise ServerError(400, "the request body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):
         raise ServerError(400, "the request body must be a JSON object", "invalid_request")
-    if _SURROGATE_HINT.search(raw) and _has_lone_surrogate(body):
+    # a surrogate arrives escaped (a backslash) or as raw CESU-8 bytes (not ASCII): two single-byte scans rule both out
+    if (b"\\" in raw or not raw.isascii()) and _has_lone_surrogate(body):
         raise ServerError(400, "the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair), which "
                           "JSON decoders read differently; refused, not forwarded", "invalid_json")
     return body

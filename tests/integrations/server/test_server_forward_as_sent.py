@@ -12,7 +12,7 @@ import httpx
 import pytest
 from base64_polyglot import jpeg, pixel, polyglot
 
-from server_helpers import ALL_UNSAFE, NONE_UNSAFE, data_url, jpeg_bytes, make_guard, run_gateway  # noqa: F401
+from server_helpers import ALL_UNSAFE, NONE_UNSAFE, data_url, jpeg_bytes, make_guard, png_bytes, run_gateway  # noqa: F401
 
 
 def image_request(url: str) -> dict:
@@ -79,3 +79,49 @@ def test_a_remembered_masked_jpeg_is_labelled_as_the_jpeg_it_is(make_guard, jpeg
         assert sent[0] == sent[1]
         header, payload = sent[1].split(",", 1)
         assert header == "data:image/jpeg;base64" and base64.b64decode(payload)[:2] == b"\xff\xd8"
+
+
+def _image_host(served: list[bytes]):
+    """A loopback HTTP server answering every GET with the next of ``served`` (the last one repeated)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        hits = 0
+
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = served[min(Handler.hits, len(served) - 1)]
+            Handler.hits += 1
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, Handler
+
+
+def test_an_allowed_remote_image_goes_upstream_as_the_bytes_that_were_checked(make_guard, png_bytes):
+    # the URL is never forwarded: it could serve the model something else after the check
+    server, handler = _image_host([png_bytes, jpeg((250, 0, 0))])
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cat.png"
+        limits = {"allow_remote": True, "allowed_hosts": ("127.0.0.1",), "fetch_timeout_s": 10}
+        with run_gateway(make_guard(NONE_UNSAFE, limits=limits)) as gw:
+            response = httpx.post(gw.base_url + "/chat/completions", json=image_request(url), timeout=60)
+            assert response.status_code == 200 and response.headers["x-guardalign-decision"] == "allow"
+            assert handler.hits == 1
+            assert forwarded_url(gw) == data_url(png_bytes, "image/png")
+        with run_gateway(make_guard(NONE_UNSAFE)) as gw:  # the default: remote URLs are not fetched
+            response = httpx.post(gw.base_url + "/chat/completions", json=image_request(url), timeout=60)
+            assert response.headers["x-guardalign-decision"].startswith("block") and gw.forwarded() == []
+            assert handler.hits == 1
+    finally:
+        server.shutdown()
+        server.server_close()

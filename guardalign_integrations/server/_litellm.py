@@ -48,6 +48,32 @@ LiteLLM could send media there that nothing here screens).
 """
 
 
+ROWS_MARKER = ("guardalign_rows", "as_sent")
+"""``additional_provider_specific_params`` entry the LiteLLM guardrail config must send (docs/server.md)."""
+
+ROWS_NOT_AS_SENT = (
+    "LiteLLM did not say it sends structured_messages as the client sent them: with its default "
+    "forward_messages_as_sent: false it removes the keys its chat types do not declare (an image_url beside a text "
+    "part, a message-level images list) before asking, then forwards the original request with them; set "
+    "forward_messages_as_sent: true and additional_provider_specific_params: {guardalign_rows: as_sent} in the "
+    "guardrail's litellm_params (docs/server.md)"
+)
+
+
+def rows_as_sent(body: dict[str, Any]) -> bool:
+    """Whether the request says its ``structured_messages`` are the client's rows unchanged (:data:`ROWS_MARKER`).
+
+    LiteLLM's request carries no field saying so; with ``forward_messages_as_sent`` off it
+    validates the rows against its own chat types first, silently dropping undeclared keys,
+    and then forwards the *original* messages: media under a dropped key would reach the
+    model unseen. So the guardrail's own config must declare it, and without that
+    declaration any request with rows is refused (default deny).
+    """
+    params = body.get("additional_provider_specific_params")
+    key, value = ROWS_MARKER
+    return isinstance(params, dict) and params.get(key) == value
+
+
 def _blocked(reason: str) -> dict[str, Any]:
     return {"action": BLOCKED, "blocked_reason": f"GuardAlign: {reason}"}
 
@@ -88,6 +114,8 @@ def guardrail_answer(state: Any, body: dict[str, Any]) -> tuple[dict[str, Any], 
         check_body_fields(body, REQUEST_KEYS, "LiteLLM guardrail request")
         images = _image_list(body)
         messages = body.get("structured_messages")
+        if messages not in (None, []) and not rows_as_sent(body):
+            raise ContentError(ROWS_NOT_AS_SENT, code="guardalign_litellm_config", param="structured_messages")
         refs = [] if messages is None or messages == [] else collect_images(messages)
         in_messages = {ref.url for ref in refs}
         loose: dict[str, int] = {}  # images entries in no image_url part: URL -> first index

@@ -113,3 +113,7 @@ def run_gateway(guard: ImageGuard, *, upstream_url: str | None = None, record: U
     finally:
         if upstream_server is not None:
             upstream_server.stop()
+
+
+LITELLM_AS_SENT = {"forward_messages_as_sent": True, "additional_provider_specific_params": {"guardalign_rows": "as_sent"}}
+"""The LiteLLM guardrail settings docs/server.md requires: rows as the client sent them, and saying so."""

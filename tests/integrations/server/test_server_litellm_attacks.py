@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from server_helpers import ALL_UNSAFE, NONE_UNSAFE, data_url, make_guard, png_bytes, run_gateway  # noqa: F401
+from server_helpers import ALL_UNSAFE, LITELLM_AS_SENT, NONE_UNSAFE, data_url, make_guard, png_bytes, run_gateway  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*ReadOnly.*:UserWarning")  # LiteLLM's own TypedDicts under pydantic
 
@@ -30,7 +30,8 @@ def unreadable_url() -> str:
 
 
 def ask(gw, body: dict) -> dict:
-    response = httpx.post(gw.url + EP, json={"input_type": "request", "request_data": {}, **body}, timeout=60)
+    body = {"input_type": "request", "request_data": {}, "additional_provider_specific_params": {"guardalign_rows": "as_sent"}, **body}
+    response = httpx.post(gw.url + EP, json=body, timeout=60)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -152,7 +153,7 @@ async def test_litellm_chat_handler_does_not_forward_an_image_in_a_file_part(mak
     GenericGuardrailAPI, Handler, GuardrailRaisedException = litellm_classes
     part = {"type": "file", "file": {"file_data": data_url(png_bytes, "image/png"), "filename": "coffee.png"}}
     with run_gateway(make_guard(ALL_UNSAFE)) as gw:
-        guardrail = GenericGuardrailAPI(api_base=gw.url, guardrail_name="guardalign", event_hook="pre_call")
+        guardrail = GenericGuardrailAPI(**LITELLM_AS_SENT, api_base=gw.url, guardrail_name="guardalign", event_hook="pre_call")
         data = {"model": "gpt-x", "messages": [user(part)]}
         with pytest.raises(GuardrailRaisedException, match="'file' is not screened"):
             await Handler().process_input_messages(data, guardrail)
@@ -163,7 +164,39 @@ async def test_litellm_images_only_check_raises_instead_of_passing_the_original(
     # what LiteLLM's response checks and its extraction handler send: texts and images, no rows
     GenericGuardrailAPI, _, GuardrailRaisedException = litellm_classes
     with run_gateway(make_guard(ALL_UNSAFE)) as gw:
-        guardrail = GenericGuardrailAPI(api_base=gw.url, guardrail_name="guardalign", event_hook="post_call")
+        guardrail = GenericGuardrailAPI(**LITELLM_AS_SENT, api_base=gw.url, guardrail_name="guardalign", event_hook="post_call")
         inputs = {"texts": ["here it is"], "images": [data_url(png_bytes, "image/png")]}
         with pytest.raises(GuardrailRaisedException, match="images"):
             await guardrail.apply_guardrail(inputs=inputs, request_data={}, input_type="response")
+
+
+def test_rows_litellm_may_have_stripped_are_refused_unless_the_config_says_they_are_as_sent(make_guard, png_bytes):
+    # LiteLLM's default (forward_messages_as_sent: false) drops keys its chat types do not
+    # declare before asking, then forwards the original messages: the guard would see a
+    # text-only row while the model gets the image. Without the config's declaration: BLOCKED.
+    with run_gateway(make_guard(NONE_UNSAFE)) as gw:
+        rows = [user(image_part(data_url(png_bytes, "image/png")))]
+        for params in (None, {}, {"guardalign_rows": "stripped"}):
+            body = {"texts": ["what is this?"], "structured_messages": rows}
+            if params is not None:
+                body["additional_provider_specific_params"] = params
+            response = httpx.post(gw.url + EP, json={"input_type": "request", **body}, timeout=60).json()
+            assert response["action"] == "BLOCKED" and "forward_messages_as_sent: true" in response["blocked_reason"]
+        assert ask(gw, {"texts": ["what is this?"], "structured_messages": rows})["action"] == "NONE"
+        assert ask(gw, {"texts": ["hi"], "images": []})["action"] == "NONE"  # no rows: nothing to strip
+
+
+@pytest.mark.parametrize("as_sent", [False, True])
+async def test_an_image_url_beside_a_text_part_never_reaches_an_ollama_payload(make_guard, png_bytes, litellm_classes, as_sent):
+    # LiteLLM's ollama_chat provider reads part["image_url"] of every part, whatever its type
+    from litellm.litellm_core_utils.prompt_templates.common_utils import extract_images_from_message
+
+    GenericGuardrailAPI, Handler, GuardrailRaisedException = litellm_classes
+    url = data_url(png_bytes, "image/png")
+    data = {"model": "ollama_chat/llava", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?", "image_url": {"url": url}}]}]}
+    assert extract_images_from_message(data["messages"][0])  # the attack: the provider would send this image
+    settings = LITELLM_AS_SENT if as_sent else {}
+    with run_gateway(make_guard(ALL_UNSAFE, action="block")) as gw:
+        guardrail = GenericGuardrailAPI(**settings, api_base=gw.url, guardrail_name="guardalign", event_hook="pre_call")
+        with pytest.raises(GuardrailRaisedException, match="forward_messages_as_sent" if not as_sent else "text"):
+            await Handler().process_input_messages(data, guardrail)

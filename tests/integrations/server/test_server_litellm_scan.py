@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from server_helpers import ALL_UNSAFE, NONE_UNSAFE, data_url, jpeg_bytes, make_guard, png_bytes, run_gateway  # noqa: F401
+from server_helpers import ALL_UNSAFE, LITELLM_AS_SENT, NONE_UNSAFE, data_url, jpeg_bytes, make_guard, png_bytes, run_gateway  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*ReadOnly.*:UserWarning")  # LiteLLM's own TypedDicts under pydantic
 
@@ -36,7 +36,7 @@ def chat_data(png: bytes) -> dict:
 async def test_litellm_masks_images_in_the_request_it_forwards(make_guard, png_bytes, litellm_classes):
     GenericGuardrailAPI, Handler = litellm_classes
     with run_gateway(make_guard(ALL_UNSAFE), api_keys=["gk"]) as gw:
-        guardrail = GenericGuardrailAPI(api_base=gw.url, api_key="gk", guardrail_name="guardalign", event_hook="pre_call")
+        guardrail = GenericGuardrailAPI(**LITELLM_AS_SENT, api_base=gw.url, api_key="gk", guardrail_name="guardalign", event_hook="pre_call")
         data = chat_data(png_bytes)
         original = data_url(png_bytes, "image/png")
         out = await Handler().process_input_messages(data, guardrail)
@@ -55,12 +55,12 @@ async def test_litellm_allows_and_blocks(make_guard, png_bytes, litellm_classes)
     from litellm.exceptions import GuardrailRaisedException
 
     with run_gateway(make_guard(NONE_UNSAFE)) as gw:
-        guardrail = GenericGuardrailAPI(api_base=gw.url, guardrail_name="guardalign", event_hook="pre_call")
+        guardrail = GenericGuardrailAPI(**LITELLM_AS_SENT, api_base=gw.url, guardrail_name="guardalign", event_hook="pre_call")
         data = chat_data(png_bytes)
         out = await Handler().process_input_messages(data, guardrail)
         assert out["messages"] == chat_data(png_bytes)["messages"]
     with run_gateway(make_guard(ALL_UNSAFE, action="block")) as gw:
-        guardrail = GenericGuardrailAPI(api_base=gw.url, guardrail_name="guardalign", event_hook="pre_call")
+        guardrail = GenericGuardrailAPI(**LITELLM_AS_SENT, api_base=gw.url, guardrail_name="guardalign", event_hook="pre_call")
         with pytest.raises(GuardrailRaisedException, match="GuardAlign"):
             await Handler().process_input_messages(chat_data(png_bytes), guardrail)
 
@@ -68,7 +68,7 @@ async def test_litellm_allows_and_blocks(make_guard, png_bytes, litellm_classes)
 async def test_litellm_wrong_key_fails_closed(make_guard, png_bytes, litellm_classes):
     GenericGuardrailAPI, Handler = litellm_classes
     with run_gateway(make_guard(NONE_UNSAFE), api_keys=["gk"]) as gw:
-        guardrail = GenericGuardrailAPI(api_base=gw.url, api_key="wrong", guardrail_name="guardalign", event_hook="pre_call")
+        guardrail = GenericGuardrailAPI(**LITELLM_AS_SENT, api_base=gw.url, api_key="wrong", guardrail_name="guardalign", event_hook="pre_call")
         with pytest.raises(Exception, match="Generic Guardrail API failed"):
             await Handler().process_input_messages(chat_data(png_bytes), guardrail)
 

@@ -106,6 +106,11 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+def _lone_surrogate() -> ServerError:
+    return ServerError(400, "the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair), which "
+                       "JSON decoders read differently; refused, not forwarded", "invalid_json")
+
+
 def parse_body(raw: bytes, *, max_values: int = DEFAULT_MAX_JSON_VALUES) -> dict[str, Any]:
     """The JSON object of a request body; an object with a repeated key is refused.
 
@@ -126,14 +131,24 @@ def parse_body(raw: bytes, *, max_values: int = DEFAULT_MAX_JSON_VALUES) -> dict
 
     Raises:
         ServerError: 413 ``json_too_complex`` over ``max_values``; 400 ``invalid_json`` when it
-            is not JSON, repeats a key in any object (also under case folding), holds a lone
+            is not UTF-8 JSON, repeats a key in any object (also under case folding), holds a lone
             surrogate or nests too deeply to parse; 400 ``invalid_request`` when it is not an object.
     """
+    try:
+        # UTF-8 only (RFC 8259 §8.1): json.loads(bytes) would also detect UTF-16/32, which the byte-level
+        # value count below does not read, and an upstream may not read either
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        try:
+            raw.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise ServerError(400, "the request body is not UTF-8 JSON; refused, not forwarded", "invalid_json") from None
+        raise _lone_surrogate() from None
     if count_json_values(raw, max_values) > max_values:
         raise ServerError(413, f"the request body holds more than max_json_values={max_values} JSON values; refused",
                           "json_too_complex")
     try:
-        body = json.loads(raw, object_pairs_hook=_unique_keys)
+        body = json.loads(text, object_pairs_hook=_unique_keys)  # a str: no encoding detection, a BOM is an error
     except _DuplicateKey:
         raise ServerError(400, "the request body repeats a key in a JSON object; refused, not forwarded", "invalid_json") from None
     except _FoldedKey:
@@ -150,9 +165,8 @@ def parse_body(raw: bytes, *, max_values: int = DEFAULT_MAX_JSON_VALUES) -> dict
     if not isinstance(body, dict):
         raise ServerError(400, "the request body must be a JSON object", "invalid_request")
     # a surrogate arrives escaped (a backslash) or as raw CESU-8 bytes (not ASCII): two single-byte scans rule both out
-    if (b"\\" in raw or not raw.isascii()) and _has_lone_surrogate(body):
-        raise ServerError(400, "the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair), which "
-                          "JSON decoders read differently; refused, not forwarded", "invalid_json")
+    if b"\\" in raw and _has_lone_surrogate(body):  # strict UTF-8 holds no raw surrogate: only an escape can make one
+        raise _lone_surrogate()
     return body
 
 

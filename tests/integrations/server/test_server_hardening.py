@@ -268,3 +268,18 @@ def test_a_gzipping_upstream_gives_readable_answers(make_guard, compress):
         assert whole.status_code == 200 and "content-encoding" not in whole.headers
         assert whole.json()["choices"][0]["message"]["content"] == "Hello from the upstream."
         assert {r["headers"].get("accept-encoding") for r in gw.forwarded()} == {"identity"}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16", "utf-32"])
+def test_a_body_in_another_unicode_encoding_is_refused_before_the_value_count_misreads_it(make_guard, encoding):
+    # json.loads(bytes) detects UTF-16/32 by itself; the byte-level value count reads UTF-8. An
+    # escaped quote in UTF-16 flipped the count's idea of what is inside a string, so a body of
+    # thousands of objects counted as 3 values and was parsed (and forwarded as UTF-16).
+    with run_gateway(make_guard(NONE_UNSAFE), max_json_values=100) as gw:
+        text = '{"x":"\\"","model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{"k":[' + ",".join(["{}"] * 5000) + "]}}"
+        response = httpx.post(gw.base_url + "/chat/completions", content=text.encode(encoding),
+                              headers={"content-type": "application/json"}, timeout=30)
+        assert response.status_code in (400, 413) and response.json()["error"]["code"] in ("invalid_json", "json_too_complex")
+        assert gw.forwarded() == []
+        same_in_utf8 = httpx.post(gw.base_url + "/chat/completions", content=text.encode(), headers={"content-type": "application/json"}, timeout=30)
+        assert same_in_utf8.status_code == 413  # the count reads UTF-8 right

@@ -178,6 +178,21 @@ class _Walker:
             return
         self.v1(item, path, label, "v1")
 
+    def ambiguous(self, item: Mapping[str, Any], path: tuple[Any, ...], label: str, kind: str) -> bool:
+        """Refuse a non-image block holding inline data under both ``base64`` and ``data``.
+
+        Converters disagree on which key wins (langchain-core's OpenAI converter prefers
+        ``data``), so the guard could find no image in one while the provider sends an image
+        from the other, and such a block is forwarded as it came. Default deny: refused, not
+        guessed at. (An image block with two sources is screened on one and rewritten to hold
+        only the checked bytes, see :meth:`v1`.)
+        """
+        if not (item.get("base64") and item.get("data")):
+            return False
+        self.add(path, label, "refused", refusal=f"the {kind} block holds inline data twice (base64 and data); "
+                 "providers differ on which one they send, so keep exactly one")
+        return True
+
     def v1(self, item: Mapping[str, Any], path: tuple[Any, ...], label: str, shape: str) -> None:
         """A LangChain v1 (``base64``/``url``/``file_id``) or v0 (``source_type`` + ``data``/``url``/``id``) block."""
         mime = item.get("mime_type")
@@ -185,7 +200,9 @@ class _Walker:
         data = item.get("base64") or (item.get("data") if v0 == "base64" or (v0 is None and isinstance(item.get("data"), str)) else None)
         url = item.get("url") or (item.get("data") if v0 == "url" else None)
         file_id = item.get("file_id") or (item.get("id") if v0 == "id" else None)
-        sources = sum(1 for x in (data, url, file_id) if x)
+        # every key that names content counts: base64 and data are two sources, not one (a converter
+        # may send the other), so such a block is never forwarded as it came, only rewritten
+        sources = sum(1 for key in ("base64", "data", "url", "file_id") if item.get(key)) + (v0 == "id" and bool(item.get("id")))
         if data:
             self.add(path, label, shape, source=data, mime=mime, inline_only=sources == 1 and bool(mime))
         elif url:
@@ -199,6 +216,8 @@ class _Walker:
         mime = str(item.get("mime_type") or "").lower()
         if mime.startswith("image/"):
             self.v1(item, path, label, "file")
+            return
+        if self.ambiguous(item, path, label, kind):
             return
         if kind == "text-plain" and not (item.get("base64") or item.get("url") or item.get("file_id") or item.get("data")):
             return  # inline text only

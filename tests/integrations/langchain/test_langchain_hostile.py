@@ -326,3 +326,33 @@ def test_a_url_safe_polyglot_reaches_the_model_as_the_image_that_was_checked(mak
     sent = out["base64"] if shape == "base64" else out["image_url"]["url"].split(",", 1)[1]
     assert sent != payload
     assert base64.b64decode(sent) == base64.b64decode(sent, validate=True) == guard_reads  # every decoder reads what was checked
+
+
+@pytest.mark.parametrize("kind", ["image", "file"])
+def test_an_image_block_with_base64_and_data_reaches_the_model_with_the_checked_bytes_only(
+    make_config: Callable[..., Any], image_paths: list[Path], kind: str
+) -> None:
+    # langchain-core's OpenAI converter sends block["data"] when present; the guard reads
+    # block["base64"] first, and used to forward the block as it came: checked one, sent the other
+    from lc_support import ALL_SAFE
+
+    safe, other = b64(image_paths[0]), b64(image_paths[1])
+    block = {"type": kind, "base64": safe, "data": other, "mime_type": "image/png"}
+    inner = RecordingChatModel()
+    GuardedChatModel(model=inner, guard=GuardAlignGuard(config=make_config(ALL_SAFE))).invoke([HumanMessage(content=[{"type": "text", "text": "see"}, block])])
+    out = inner.received[0][-1].content[1]
+    payloads = [out.get(key) for key in ("base64", "data") if out.get(key)]
+    assert payloads == [safe] or (len(payloads) == 1 and base64.b64decode(payloads[0]) == base64.b64decode(safe)), out
+
+
+@pytest.mark.parametrize("kind, mime", [("audio", "audio/wav"), ("file", "text/plain"), ("file", "application/pdf")])
+def test_a_non_image_block_holding_data_twice_is_refused(make_config: Callable[..., Any], image_paths: list[Path], kind: str, mime: str) -> None:
+    # the guard finds no image in base64 (audio), the provider sends data (an image)
+    from lc_support import ALL_SAFE
+
+    block = {"type": kind, "base64": base64.b64encode(b"RIFF....WAVEfmt ").decode(), "data": b64(image_paths[1]), "mime_type": mime}
+    inner = RecordingChatModel()
+    llm = GuardedChatModel(model=inner, guard=GuardAlignGuard(config=make_config(ALL_SAFE)), on_block="raise")
+    with pytest.raises(GuardAlignViolation, match="twice"):
+        llm.invoke([HumanMessage(content=[{"type": "text", "text": "see"}, block])])
+    assert inner.received == []

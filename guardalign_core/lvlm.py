@@ -33,13 +33,19 @@ Message = dict[str, Any]
 """A chat message in Hugging Face's format: ``{"role": ..., "content": str | [{"type": "text"|"image", ...}]}``."""
 
 
+_GREEDY_BELOW = 1e-4
+"""Temperatures under this decode greedily (what sampling tends to as T -> 0, without dividing logits by ~0)."""
+
+
 class GenerationOptions(BaseModel):
     """Standard decoding knobs. ``temperature=0`` is greedy."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int = Field(256, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 means greedy decoding.")
+    temperature: float = Field(
+        0.0, ge=0, le=2, description="Sampling temperature in [0, 2] (OpenAI's range); 0, and anything under 1e-4, means greedy decoding."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
     stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends when one is produced.")
     seed: int | None = Field(
@@ -351,7 +357,7 @@ class LocalLVLM:
     # -- generation --------------------------------------------------------------------------
     def _generate_kwargs(self, prepared: PreparedPrompt, options: GenerationOptions, extra: dict[str, Any]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {**prepared.inputs, "max_new_tokens": options.max_new_tokens}
-        if options.temperature > 0:
+        if options.temperature >= _GREEDY_BELOW:  # a tinier one overflows the softmax (inf/nan probabilities): greedy is its limit
             kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

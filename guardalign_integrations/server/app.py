@@ -279,9 +279,22 @@ class EdgeMiddleware:
         start = time.perf_counter()
         status = {"code": 500, "started": False}
         scope.setdefault("state", {})
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        # Whether the request body has been read to its end. An answer sent before that (413,
+        # 401, 404, ...) closes the connection: uvicorn would otherwise keep it open and discard
+        # whatever the client keeps sending, and each byte re-arms no timer (measured: open for
+        # ever after one late byte, without an API key), so such connections fill max_connections.
+        body_done = {"done": b"transfer-encoding" not in headers and (length is None or length.strip() in (b"", b"0"))}
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_done["done"]:
+                present = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*present, (b"connection", b"close")]}
+            await send(message)
+
         if length is not None and length.isdigit() and int(length) > limit:
-            await self._too_large(scope, receive, send, limit)
+            await self._too_large(scope, receive, closing_send, limit)
             self._log(scope, 413, start)
             return
         seen = 0
@@ -293,12 +306,14 @@ class EdgeMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise _BodyTooLarge()
+                if not message.get("more_body", False):
+                    body_done["done"] = True
             return message
 
         async def tracking_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
-            await send(message)
+            await closing_send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)

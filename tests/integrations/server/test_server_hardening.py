@@ -283,3 +283,40 @@ def test_a_body_in_another_unicode_encoding_is_refused_before_the_value_count_mi
         assert gw.forwarded() == []
         same_in_utf8 = httpx.post(gw.base_url + "/chat/completions", content=text.encode(), headers={"content-type": "application/json"}, timeout=30)
         assert same_in_utf8.status_code == 413  # the count reads UTF-8 right
+
+
+@pytest.mark.parametrize("name, head", [
+    ("413 streamed", b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n" % (20000, b"x" * 20000)),
+    ("413 declared", b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\ncontent-length: 99999999\r\n\r\n"),
+    ("401", b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"),
+    ("404", b"POST /nope HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\ntransfer-encoding: chunked\r\n\r\n"),
+])
+def test_an_answer_sent_before_the_body_is_in_closes_the_connection(make_guard, name, head):
+    # uvicorn keeps such a connection and discards what keeps arriving; one late byte disarms its
+    # keep-alive timer for good, so without the close anyone (no key needed) could hold
+    # connections open for ever and fill max_connections
+    with run_gateway(make_guard(NONE_UNSAFE), api_keys=["k"], max_body_bytes=10_000) as gw:
+        with socket.create_connection(("127.0.0.1", gw.server.port), timeout=30) as sock:
+            sock.sendall(head)
+            answer = sock.recv(65536)
+            assert answer.split(b"\r\n", 1)[0].split()[1] in (b"401", b"404", b"413"), answer[:80]
+            assert b"connection: close" in answer.lower()
+            try:
+                sock.sendall(b"1\r\n \r\n")  # one more byte of the body
+            except OSError:
+                return  # already closed
+            while True:  # the server closes: recv reads what is left, then b"" (or a reset: unread bytes were discarded)
+                try:
+                    if not sock.recv(65536):
+                        break
+                except ConnectionResetError:
+                    break
+
+
+def test_a_complete_request_keeps_its_connection_alive(make_guard):
+    with run_gateway(make_guard(NONE_UNSAFE)) as gw:
+        with httpx.Client(timeout=30) as client:
+            first = client.post(gw.base_url + "/chat/completions", json=TEXT)
+            assert first.status_code == 200 and first.headers.get("connection", "").lower() != "close"
+            assert client.get(gw.url + "/healthz").headers.get("connection", "").lower() != "close"

@@ -165,7 +165,8 @@ def test_leaving_a_whole_answer_request_stops_generation(tiny_llava, make_guard)
 @pytest.mark.parametrize("field, value", [
     ("stop", 5), ("stop", True), ("stop", 1.5), ("stop", ["ok", 1]), ("stop", ["a", "b", "c", "d", "e"]),
     ("seed", 2**70), ("seed", True), ("seed", "7"),
-    ("temperature", "hot"), ("temperature", -1), ("temperature", float("nan")), ("top_p", 0), ("top_p", 1.5),
+    ("temperature", "hot"), ("temperature", -1), ("temperature", float("nan")), ("temperature", 1e308), ("temperature", 2.5),
+    ("top_p", 0), ("top_p", 1.5),
     ("max_tokens", 0), ("max_tokens", "5"), ("max_tokens", True), ("max_completion_tokens", -3),
 ])
 def test_bad_decoding_parameters_are_a_400_naming_the_field(field, value):
@@ -183,3 +184,14 @@ def test_good_decoding_parameters_pass_and_the_server_cap_holds():
     options = generation_options({"max_tokens": 999, "temperature": 1, "top_p": 0.5, "stop": "END", "seed": 2**63}, max_new_tokens=32)
     assert (options.max_new_tokens, options.temperature, options.top_p, options.stop, options.seed) == (32, 1.0, 0.5, ["END"], 2**63)
     assert generation_options({}, max_new_tokens=32).max_new_tokens == 32
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45])
+def test_a_vanishing_temperature_decodes_greedily_instead_of_failing(local_server, temperature):
+    # dividing the logits by ~0 made sampling raise on inf/nan probabilities (a 500; on CUDA a device assert)
+    server, _ = local_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    messages = [{"role": "user", "content": "Describe the image."}]
+    greedy = client.chat.completions.create(model="m", messages=messages, max_tokens=6).choices[0].message.content
+    tiny = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=temperature).choices[0].message.content
+    assert tiny == greedy

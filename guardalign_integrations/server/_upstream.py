@@ -77,11 +77,24 @@ class UpstreamClient:
         except httpx.HTTPError as err:
             raise ServerError(502, f"the upstream model API could not be reached ({type(err).__name__})", "upstream_unreachable") from None
 
-    @staticmethod
-    async def read(response: httpx.Response) -> bytes:
-        """The whole body of a response from :meth:`send` (closed afterwards)."""
+    async def read(self, response: httpx.Response) -> bytes:
+        """The whole body of a response from :meth:`send`, at most ``max_response_bytes`` decoded (closed afterwards).
+
+        Raises:
+            ServerError: 502 ``upstream_response_too_large`` over the limit (read no further),
+                504 on a timeout, 502 when the upstream breaks off.
+        """
+        limit = self.config.max_response_bytes
+        chunks: list[bytes] = []
+        total = 0
         try:
-            return await response.aread()
+            async for chunk in response.aiter_bytes():  # decoded as it arrives: a gzip bomb stops at the limit
+                total += len(chunk)
+                if total > limit:
+                    raise ServerError(502, f"the upstream's answer is over upstream.max_response_bytes={limit}; not relayed",
+                                      "upstream_response_too_large")
+                chunks.append(chunk)
+            return b"".join(chunks)
         except httpx.TimeoutException:
             raise ServerError(504, "the upstream model API did not finish its answer in time", "upstream_timeout") from None
         except httpx.HTTPError as err:

@@ -42,6 +42,11 @@ class UpstreamConfig(_Config):
         120.0, gt=0, description="Timeout between two reads from the upstream (whole answer, or one streamed chunk), in seconds."
     )
     max_connections: int = Field(256, ge=1, description="Most simultaneous connections to the upstream.")
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024, gt=0,
+        description="Largest whole (non-streamed) answer read from the upstream, after decompression (502 above it: a "
+        "hostile or broken upstream cannot exhaust the gateway's memory, a gzip bomb included).",
+    )
 
     @field_validator("base_url")
     @classmethod

@@ -320,3 +320,29 @@ def test_a_complete_request_keeps_its_connection_alive(make_guard):
             first = client.post(gw.base_url + "/chat/completions", json=TEXT)
             assert first.status_code == 200 and first.headers.get("connection", "").lower() != "close"
             assert client.get(gw.url + "/healthz").headers.get("connection", "").lower() != "close"
+
+
+def test_a_gzip_bomb_from_the_upstream_stops_at_max_response_bytes(make_guard):
+    # 64 KiB of gzip that decodes to 64 MiB: the whole answer used to be decompressed into memory
+    import gzip
+
+    from guardalign_integrations.server import create_app
+    from guardalign_integrations.server.testing import ServerThread
+    from server_helpers import wait_ready
+
+    bomb = gzip.compress(b"0" * (64 * 1024 * 1024), compresslevel=9)
+    assert len(bomb) < 200_000
+    served = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        served.append(request.url.path)
+        return httpx.Response(200, content=bomb, headers={"content-type": "application/json", "content-encoding": "gzip"})
+
+    config = ServerConfig(upstream={"base_url": "http://upstream.test/v1", "max_response_bytes": 1024 * 1024})
+    app = create_app(config, guard=make_guard(NONE_UNSAFE), transport=httpx.MockTransport(answer))
+    with ServerThread(app) as server:
+        wait_ready(server.url)
+        response = httpx.post(server.url + "/v1/chat/completions", json=TEXT, timeout=60)
+        assert served and response.status_code == 502
+        assert response.json()["error"]["code"] == "upstream_response_too_large"
+        assert app.state.guardalign.gate.active == 0

@@ -43,6 +43,22 @@ METADATA_KEY = "guardalign"
 _T = TypeVar("_T")
 
 
+class SharesGuardOnCopy:
+    """Mixin for components holding their guard in ``_guard``: a deep copy shares the guard instead of copying it.
+
+    The guard holds a lock (not copyable) and the one loaded CLIP; LlamaIndex deep-copies
+    components (pipelines, retrievers), so every copy must use the same guard. The mixin
+    declares no attribute of its own, so it adds nothing to the pydantic models it joins.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        memo = {} if memo is None else memo
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            memo[id(guard)] = guard
+        return super().__deepcopy__(memo)  # type: ignore[misc]
+
+
 def build_guard(
     config: GuardSpec = None,
     *,

@@ -34,7 +34,7 @@ from guardalign_core.results import Decision
 from guardalign_core.screening import ContentImage
 from guardalign_core.verdicts import Forward, ImageVerdict
 
-from ._endpoints import METADATA_KEY, GuardSpec, build_guard
+from ._endpoints import METADATA_KEY, GuardSpec, SharesGuardOnCopy, build_guard
 from ._messages import FILE_PATH_KEY, has_image, node_image, node_label, node_refusal, with_image, with_metadata
 from ._trust import stamped_summary
 from .events import dispatch_decision_events
@@ -78,7 +78,7 @@ def _image_node(node: BaseNode, data: bytes, mime: str) -> BaseNode:
     return with_image(node, data, mime)
 
 
-class GuardAlignImageTransform(TransformComponent):
+class GuardAlignImageTransform(SharesGuardOnCopy, TransformComponent):
     """Screen image nodes in batches at ingestion: mask, drop or flag them; record each verdict.
 
     Args:
@@ -150,13 +150,6 @@ class GuardAlignImageTransform(TransformComponent):
             )
         super().__init__(config=built.config.model_dump(mode="json"), fingerprint=actual, **kwargs)
         self._guard = built
-
-    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
-        # Copies share the guard: it holds a lock (not copyable) and the one loaded CLIP.
-        memo = {} if memo is None else memo
-        if self._guard is not None:
-            memo[id(self._guard)] = self._guard
-        return super().__deepcopy__(memo)
 
     @classmethod
     def class_name(cls) -> str:

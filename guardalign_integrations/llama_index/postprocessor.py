@@ -27,7 +27,7 @@ from guardalign_core.memory import config_fingerprint
 from guardalign_core.screening import ContentImage
 from guardalign_core.verdicts import RequestVerdict
 
-from ._endpoints import METADATA_KEY, GuardSpec, build_guard
+from ._endpoints import METADATA_KEY, GuardSpec, SharesGuardOnCopy, build_guard
 from ._messages import forwarded_node, has_image, node_image, node_label, node_refusal, with_metadata
 from ._trust import stamped_summary, trusted_summary
 from .events import dispatch_decision_events
@@ -36,7 +36,7 @@ TEXT_NODE_DECISION: dict[str, Any] = {"decision": "allow", "status": "ok", "unsa
 """The metadata recorded on nodes that carry no image (nothing to check)."""
 
 
-class GuardAlignImagePostprocessor(BaseNodePostprocessor):
+class GuardAlignImagePostprocessor(SharesGuardOnCopy, BaseNodePostprocessor):
     """Scan retrieved image nodes in one batch; mask or drop unsafe ones; record every decision.
 
     Nodes come out in their original order and score; nodes are copied, never modified in
@@ -101,12 +101,6 @@ class GuardAlignImagePostprocessor(BaseNodePostprocessor):
         built = build_guard(config, guard=guard, action=action, fail_open=fail_open)  # fails here, not at the first node
         super().__init__(**kwargs)
         self._guard = built
-
-    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
-        # Copies share the guard: it holds a lock (not copyable) and the one loaded CLIP.
-        memo = {} if memo is None else memo
-        memo[id(self._guard)] = self._guard
-        return super().__deepcopy__(memo)
 
     @classmethod
     def class_name(cls) -> str:

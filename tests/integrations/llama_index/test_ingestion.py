@@ -348,3 +348,12 @@ def test_an_index_node_holding_an_image_node_is_not_indexed_unscreened(make_conf
     plain = IndexNode(text="see index", index_id="other", obj=TextNode(text="t"), id_="plain")
     out = GuardAlignImageTransform(make_config(-1.0))([index_node, plain])
     assert [n.node_id for n in out] == ["plain"]
+
+
+def test_copies_of_the_transform_and_the_postprocessor_share_their_guard(make_config):
+    # the guard holds a lock and the loaded CLIP: LlamaIndex deep-copies components, the copies must not copy it
+    import copy
+
+    for component in (GuardAlignImageTransform(make_config(100.0)), GuardAlignImagePostprocessor(make_config(100.0))):
+        clone = copy.deepcopy(component)
+        assert clone is not component and clone.guard is component.guard

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import httpx
@@ -104,19 +105,22 @@ def test_local_model_blocks_without_generating(tiny_llava, make_guard, png_bytes
         assert app.state.guardalign.gate.active == 0
 
 
-def test_leaving_a_local_stream_stops_generation(tiny_llava, make_guard):
+@contextlib.contextmanager
+def counted_long_generation(tiny_llava, make_guard):
+    """A local server allowed 400 tokens, yielding (server, forward passes so far); on exit it waits for the generation to end.
+
+    The tiny checkpoint's special tokens (EOS included) are suppressed, so a generation that is
+    not cancelled runs all 400 steps.
+    """
     config = ServerConfig(model={"model_id": str(tiny_llava), "suppress_special_tokens": True, "max_new_tokens": 400})
     app = create_app(config, guard=make_guard(NONE_UNSAFE))
     with ServerThread(app) as server:
         wait_ready(server.url, timeout=120)
         lvlm = app.state.guardalign.pipeline.lvlm
-        steps = []
+        steps: list[int] = []
         hook = lvlm.model.register_forward_hook(lambda *args: steps.append(1))
         try:
-            body = {"model": "m", "stream": True, "max_tokens": 400, "messages": [{"role": "user", "content": "hi"}]}
-            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
-                for _ in zip(range(3), response.iter_lines()):
-                    pass
+            yield server, steps
             deadline = time.monotonic() + 60
             # the runner's generation slot (max_concurrent=1) comes free when the generation ends
             while not lvlm._slots.acquire(blocking=False):
@@ -125,41 +129,32 @@ def test_leaving_a_local_stream_stops_generation(tiny_llava, make_guard):
             lvlm._slots.release()
         finally:
             hook.remove()
-        # special tokens (EOS included) are suppressed: without the cancel it would run all 400 steps
-        assert 0 < len(steps) < 200
+
+
+def test_leaving_a_local_stream_stops_generation(tiny_llava, make_guard):
+    with counted_long_generation(tiny_llava, make_guard) as (server, steps):
+        body = {"model": "m", "stream": True, "max_tokens": 400, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
+            for _ in zip(range(3), response.iter_lines()):
+                pass
+    assert 0 < len(steps) < 200  # cancelled, not run to 400
 
 
 def test_leaving_a_whole_answer_request_stops_generation(tiny_llava, make_guard):
     # not streamed: the client closes its connection while the answer is being generated
     import json
     import socket
-    from urllib.parse import urlsplit
 
-    config = ServerConfig(model={"model_id": str(tiny_llava), "suppress_special_tokens": True, "max_new_tokens": 400})
-    app = create_app(config, guard=make_guard(NONE_UNSAFE))
-    with ServerThread(app) as server:
-        wait_ready(server.url, timeout=120)
-        lvlm = app.state.guardalign.pipeline.lvlm
-        steps = []
-        hook = lvlm.model.register_forward_hook(lambda *args: steps.append(1))
-        try:
-            body = json.dumps({"model": "m", "max_tokens": 400, "messages": [{"role": "user", "content": "hi"}]}).encode()
-            address = urlsplit(server.url)
-            with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                             + f"content-length: {len(body)}\r\n\r\n".encode() + body)
-                deadline = time.monotonic() + 60
-                while len(steps) < 3:  # generation has started
-                    assert time.monotonic() < deadline, "generation never started"
-                    time.sleep(0.01)
+    with counted_long_generation(tiny_llava, make_guard) as (server, steps):
+        body = json.dumps({"model": "m", "max_tokens": 400, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         + f"content-length: {len(body)}\r\n\r\n".encode() + body)
             deadline = time.monotonic() + 60
-            while not lvlm._slots.acquire(blocking=False):
-                assert time.monotonic() < deadline, "the generation never ended"
-                time.sleep(0.05)
-            lvlm._slots.release()
-        finally:
-            hook.remove()
-        assert 0 < len(steps) < 200  # without the cancel it would run all 400 steps
+            while len(steps) < 3:  # generation has started
+                assert time.monotonic() < deadline, "generation never started"
+                time.sleep(0.01)
+    assert 0 < len(steps) < 200  # cancelled, not run to 400
 
 
 @pytest.mark.parametrize("field, value", [

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_load import IMAGE, ROOT, free_port, image_body, image_variants, wait_http  # noqa: E402
+from server_load import IMAGE, ROOT, free_port, image_body, image_variants, png_data_url, stop, tiny_guard_file, wait_http  # noqa: E402
 
 
 def mean_batch(metrics: str) -> float | None:
@@ -97,17 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     tmp = Path(tempfile.mkdtemp(prefix="guardalign-batching-"))
-    guard_file = args.guard
-    if guard_file is None:
-        from guardalign_core.config import GuardConfig, save_config
-        from guardalign_core.testing.tiny_clip import save_tiny_clip_checkpoint, tiny_detector_config
-
-        checkpoint = save_tiny_clip_checkpoint(tmp / "tiny-clip.pt")
-        guard_file = str(save_config(GuardConfig(detector=tiny_detector_config(checkpoint, cache_dir=str(tmp))), tmp / "guard.yaml"))
+    guard_file = args.guard or tiny_guard_file(tmp)
     # every request of every burst its own image: (bursts + warm-up) x burst, shared by both gateways
     # (each gateway has its own memory, so the same body sent to both is scanned by both)
     variants = image_variants(IMAGE.read_bytes(), (args.bursts + 1) * args.burst)
-    bodies = [[json.dumps(image_body("data:image/png;base64," + base64.b64encode(v).decode())).encode()
+    bodies = [[json.dumps(image_body(png_data_url(v))).encode()
                for v in variants[k * args.burst:(k + 1) * args.burst]] for k in range(args.bursts + 1)]
 
     up_port = free_port()
@@ -138,12 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput_ratio_batched_over_unbatched"] = round(report["unbatched"]["median_s"] / report["batched"]["median_s"], 3)
         report["statuses"] = statuses
     finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
     report["load_average_after"] = os.getloadavg()
     ok = set(report.get("statuses", {})) == {"200"}
     report["ok"] = ok

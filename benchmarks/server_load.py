@@ -87,6 +87,29 @@ def serve_floor(port: int, upstream: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+def tiny_guard_file(tmp: Path) -> str:
+    """A guard file on the tiny random CLIP (a checkpoint saved under ``tmp``): the default ``--guard``."""
+    from guardalign_core.config import GuardConfig, save_config
+    from guardalign_core.testing.tiny_clip import save_tiny_clip_checkpoint, tiny_detector_config
+
+    checkpoint = save_tiny_clip_checkpoint(tmp / "tiny-clip.pt")
+    return str(save_config(GuardConfig(detector=tiny_detector_config(checkpoint, cache_dir=str(tmp))), tmp / "guard.yaml"))
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate the servers, each given 30 s to drain, then killed."""
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def png_data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180, method: str = "GET") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -340,17 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     tmp = Path(tempfile.mkdtemp(prefix="guardalign-load-"))
-    guard_file = args.guard
-    if guard_file is None:
-        from guardalign_core.config import GuardConfig, save_config
-        from guardalign_core.testing.tiny_clip import save_tiny_clip_checkpoint, tiny_detector_config
-
-        checkpoint = save_tiny_clip_checkpoint(tmp / "tiny-clip.pt")
-        guard_file = str(save_config(GuardConfig(detector=tiny_detector_config(checkpoint, cache_dir=str(tmp))), tmp / "guard.yaml"))
+    guard_file = args.guard or tiny_guard_file(tmp)
     data = IMAGE.read_bytes()
-    image_url = "data:image/png;base64," + base64.b64encode(data).decode()
+    image_url = png_data_url(data)
     # every one-image round uses distinct variants (one pixel changed: same scan cost, no verdict from memory)
-    variant_urls = ["data:image/png;base64," + base64.b64encode(v).decode() for v in image_variants(data, 2 * args.image_rounds + 1)]
+    variant_urls = [png_data_url(v) for v in image_variants(data, 2 * args.image_rounds + 1)]
     # Pinned, the gateway and the guard-alone reference each get one core: one torch thread each, said
     # explicitly (torch sizes its pool from the CPUs it may use when imported, which raced the pinning:
     # measured, the reference at 2x the gateway's time for ViT-B-32 when it got two threads on one core)
@@ -407,12 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             report["gateway_rss_mb"] = {"before": round(before, 1), "after": round(after, 1), "growth": round(after - before, 1)}
     finally:
         alone.close()
-        for proc in servers:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(servers)
     ok = True
     if not args.skip_load:
         errors = {k: v for run in (report["warm_run_statuses"], report["load"]["statuses"]) for k, v in run.items() if k not in ("200", "429")}

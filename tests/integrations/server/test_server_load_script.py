@@ -35,3 +35,15 @@ def test_the_load_script_runs_small_and_stops_by_itself(tmp_path):
     assert report["one_image_ms"]["decision"] == "allow" and report["one_image_ms"]["guard_alone"]["median"] > 0
     for section in ("text_only_ms", "first_chunk_ms"):
         assert {"direct", "floor", "gateway", "gateway_minus_direct"} <= set(report[section])
+
+
+def test_the_batching_benchmark_runs_small_and_stops_by_itself(tmp_path):
+    out = tmp_path / "batching.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "server_batching.py"), "--bursts", "1", "--burst", "4", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] is True and report["statuses"] == {"200": 16}  # warm-up and timed burst, both gateways
+    assert report["unbatched"]["mean_detector_batch"] == 1.0  # batching off really scans one request at a time
+    assert report["throughput_ratio_batched_over_unbatched"] > 0

@@ -1,4 +1,4 @@
-"""The bounded load test (benchmarks/server_load.py) runs in `make test` at a small size: it starts, measures, stops by itself.
+"""The server benchmarks (benchmarks/server_load.py, server_batching.py) run in `make test` at a small size: they start, measure, stop by themselves.
 
 The full-size run (1,000 requests at concurrency 32) is recorded in docs/performance.md; this
 keeps the script working and its own checks (no status but 200 and a deliberate 429, bounded
